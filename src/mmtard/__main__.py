@@ -1,0 +1,7 @@
+"""``python -m mmtard`` (and ``torchrun -m mmtard``) run the CLI."""
+
+import sys
+
+from mmtard.cli import main
+
+sys.exit(main())

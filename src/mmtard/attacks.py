@@ -1,0 +1,153 @@
+"""The fast training attack: batched PGD in pixel space, used by every adversarial method.
+
+Evaluation does not use this module: it goes through the official AutoAttack
+(:mod:`mmtard.autoattack`). Training needs something cheaper and more flexible: any
+differentiable loss of the student's outputs (KL to a teacher for MMT-ARD, CE for TeCoA, an
+embedding distance for FARE), random start, and the release's momentum on the normalised gradient
+(METHOD.md §2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Callable
+
+import torch
+from torch import nn
+
+from mmtard.errors import ConfigError
+
+LossFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def parse_eps(value: str | float | int, name: str = "eps") -> float:
+    """Read an L-inf/L2 radius given as ``2/255``, ``0.0078`` or a number.
+
+    A bare number above 1 is almost always meant in 0-255 units; it is refused with a hint rather
+    than silently producing an attack that saturates every pixel.
+    """
+    text = str(value).strip()
+    try:
+        if "/" in text:
+            numerator, denominator = text.split("/", 1)
+            eps = float(Fraction(numerator.strip()) / Fraction(denominator.strip()))
+        else:
+            eps = float(text)
+    except (ValueError, ZeroDivisionError) as exc:
+        raise ConfigError(f"{name}: cannot read '{value}' as a radius; write it like 2/255 or 0.0078") from exc
+    if not 0.0 <= eps <= 1.0:
+        hint = f" Did you mean {text}/255?" if eps > 1 and "/" not in text else ""
+        raise ConfigError(f"{name}: {value} is outside [0, 1] (images are in [0, 1]).{hint}")
+    return eps
+
+
+def format_eps(eps: float) -> str:
+    """Inverse of :func:`parse_eps` for reports: 2/255 where exact, else the decimal."""
+    k = eps * 255
+    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else f"{eps:g}"
+
+
+@dataclass(frozen=True)
+class PGDConfig:
+    """One attack budget. Defaults are the release's training attack (METHOD.md §2)."""
+
+    eps: float = 2 / 255
+    step_size: float = 1 / 255
+    steps: int = 10
+    norm: str = "linf"
+    random_start: bool = True
+    momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.norm not in ("linf", "l2"):
+            raise ConfigError(f"attack.norm: '{self.norm}' is not one of linf, l2")
+        if self.steps < 0:
+            raise ConfigError(f"attack.steps: {self.steps} must be >= 0")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"attack.momentum: {self.momentum} must be in [0, 1)")
+
+
+def _per_sample_norm(t: torch.Tensor, p: float) -> torch.Tensor:
+    return t.flatten(1).norm(p=p, dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
+
+
+def _random_start(x: torch.Tensor, cfg: PGDConfig, generator: torch.Generator | None) -> torch.Tensor:
+    if not cfg.random_start or cfg.eps == 0:
+        return torch.zeros_like(x)
+    if cfg.norm == "linf":
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return (2 * noise - 1) * cfg.eps
+    direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    radius = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=generator, device=x.device, dtype=x.dtype)
+    return direction / _per_sample_norm(direction, 2) * radius * cfg.eps
+
+
+def _project(delta: torch.Tensor, x: torch.Tensor, cfg: PGDConfig) -> torch.Tensor:
+    """Back into the eps ball and, through x + delta, into the [0, 1] image box."""
+    if cfg.norm == "linf":
+        delta = delta.clamp(-cfg.eps, cfg.eps)
+    else:
+        delta = delta * (cfg.eps / _per_sample_norm(delta, 2)).clamp(max=1.0)
+    return (x + delta).clamp(0.0, 1.0) - x
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module | None):
+    """The student is attacked in eval mode (METHOD.md §2) and returned in the mode it had."""
+    if model is None:
+        yield
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def pgd(
+    loss_fn: LossFn,
+    x: torch.Tensor,
+    cfg: PGDConfig,
+    model: nn.Module | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Maximise ``loss_fn(x_adv)`` (summed over the batch) within the eps ball around ``x``.
+
+    Gradients are taken with respect to the perturbation only, so the model's parameter gradients
+    (``.grad``) and weights are untouched; ``model``, if given, is put in eval mode for the attack
+    and restored afterwards. Under ``autocast_dtype`` (bf16 on a GPU) the forward passes run in
+    reduced precision while the perturbation itself stays in float32.
+
+    Returns the detached adversarial images, in [0, 1].
+    """
+    x = x.detach()
+    delta = _project(_random_start(x, cfg, generator), x, cfg)
+    velocity = torch.zeros_like(x)
+    amp = (
+        torch.autocast(device_type=x.device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    with eval_mode(model):
+        for _ in range(cfg.steps):
+            delta.requires_grad_(True)
+            with amp:
+                loss = loss_fn(x + delta).float().sum()
+            (grad,) = torch.autograd.grad(loss, delta)
+            with torch.no_grad():
+                if cfg.momentum > 0:
+                    # Release: momentum on the L1-normalised gradient, then the usual sign step.
+                    velocity = cfg.momentum * velocity + grad / _per_sample_norm(grad, 1) * grad[0].numel()
+                    direction = velocity
+                else:
+                    direction = grad
+                if cfg.norm == "linf":
+                    step = cfg.step_size * direction.sign()
+                else:
+                    step = cfg.step_size * direction / _per_sample_norm(direction, 2)
+                delta = _project(delta.detach() + step, x, cfg)
+    return (x + delta).detach()

@@ -1,0 +1,158 @@
+"""Command line: parse arguments, build a config, call the library. No logic of its own.
+
+    mmtard world --out DIR                      generate the offline world
+    mmtard train-teacher --config FILE --out DIR [key=value ...]
+    mmtard distill --config FILE --out DIR [key=value ...]
+    mmtard eval --model NAME --pretrained FILE ... --dataset world=DIR --out DIR
+    mmtard report DIR [DIR ...] --out DIR
+    mmtard demo [--out DIR] [--quick] [--seeds N]
+
+Any refusal on bad input is one line on stderr and exit code 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from mmtard.errors import ConfigError, MmtardError
+
+log = logging.getLogger("mmtard")
+
+
+def _drop_random_init_notice(record: logging.LogRecord) -> bool:
+    """open_clip warns for every randomly initialised model; the tiny models are meant to be."""
+    return "Model initialized randomly" not in record.getMessage()
+
+
+def _add_run_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    parser.add_argument("--out", required=True, help="run folder: resumed if it holds a checkpoint")
+    parser.add_argument("--force", action="store_true", help="overwrite a finished run in --out")
+    parser.add_argument("overrides", nargs="*", help="config overrides such as train.lr=1e-5 teachers.0.pretrained=FILE")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmtard", description="Multi-teacher adversarial distillation for robust CLIP.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for refused input")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="the whole method end to end on the offline world (CPU, minutes)")
+    demo.add_argument("--out", default="mmtard-demo", help="demo folder (default: ./mmtard-demo)")
+    demo.add_argument("--quick", action="store_true", help="a 2-minute version for smoke tests")
+    demo.add_argument("--seeds", type=int, default=1, help="repeat the distillations with N seeds (mean ± std)")
+
+    teacher = sub.add_parser("train-teacher", help="train a clean (clean_ft) or robust (tecoa/fare/pmg_aft) teacher")
+    _add_run_args(teacher)
+    distill = sub.add_parser("distill", help="distil a student from teachers (mmt_ard, ard, mtard, ...)")
+    _add_run_args(distill)
+
+    ev = sub.add_parser("eval", help="clean and AutoAttack zero-shot accuracy -> results.json")
+    ev.add_argument("--model", action="append", default=[], help="open_clip model name (repeatable, pairs with --pretrained)")
+    ev.add_argument("--pretrained", action="append", default=[], help="weights for the matching --model: file or tag")
+    ev.add_argument("--name", action="append", default=[], help="row name for the matching --model")
+    ev.add_argument("--run", action="append", default=[], help="a training run folder (its student is evaluated)")
+    ev.add_argument("--dataset", action="append", default=[], required=True,
+                    help="NAME=ROOT: imagenet=PATH, world=DIR (all world sets), a clip-benchmark name=ROOT")
+    ev.add_argument("--eps", default="1/255,2/255,4/255", help="comma-separated radii, e.g. 1/255,2/255,4/255")
+    ev.add_argument("--attack", default="apgd-ce,apgd-t", help="apgd-ce,apgd-t | standard | pgd")
+    ev.add_argument("--iterations", type=int, default=100, help="iterations per attack")
+    ev.add_argument("--n-samples", type=int, default=None, help="samples per dataset (ImageNet: the 5 000 subset)")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--out", required=True, help="evaluation folder: resumed if interrupted")
+
+    report = sub.add_parser("report", help="tables and plots from results and training runs")
+    report.add_argument("inputs", nargs="+", help="evaluation folders, results.json files or training run folders")
+    report.add_argument("--out", required=True)
+
+    world = sub.add_parser("world", help="generate the offline world (images, captions, zero-shot sets)")
+    world.add_argument("--out", required=True)
+    world.add_argument("--seed", type=int, default=0)
+    world.add_argument("--size", default="demo", choices=["test", "quick", "demo"])
+    world.add_argument("--image-size", type=int, default=48)
+    return parser
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mmtard.config import load_config
+    from mmtard.methods import TEACHER_METHODS
+    from mmtard.trainer import train
+
+    config = load_config(args.config, args.overrides)
+    if args.command == "train-teacher" and config.method.name not in TEACHER_METHODS:
+        raise ConfigError(f"train-teacher trains with {', '.join(TEACHER_METHODS)}; the config says "
+                          f"'{config.method.name}' (use `mmtard distill` for it)")
+    path = train(config, args.out, force=args.force, show_progress=not args.quiet)
+    print(f"student written to {path}")
+    return 0
+
+
+def _cmd_world(args: argparse.Namespace) -> int:
+    from mmtard.world import main_generate
+
+    summary = main_generate(args.out, seed=args.seed, size=args.size, image_size=args.image_size)
+    for key, value in summary.items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from mmtard.evaluate import eval_from_cli
+
+    path = eval_from_cli(args)
+    print(f"results written to {path}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from mmtard.report import run_report
+
+    path = run_report([Path(p) for p in args.inputs], Path(args.out))
+    print(f"report written to {path}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from mmtard.demo import run_demo
+
+    run_demo(Path(args.out), quick=args.quick, seeds=args.seeds)
+    return 0
+
+
+COMMANDS = {
+    "demo": _cmd_demo,
+    "train-teacher": _cmd_train,
+    "distill": _cmd_train,
+    "eval": _cmd_eval,
+    "report": _cmd_report,
+    "world": _cmd_world,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # open_clip logs its model-building steps on the root logger at INFO: keep the root at WARNING
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("mmtard").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_drop_random_init_notice)
+    try:
+        return COMMANDS[args.command](args)
+    except MmtardError as exc:
+        if args.debug:
+            raise
+        print(f"mmtard {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mmtard {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

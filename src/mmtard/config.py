@@ -1,0 +1,296 @@
+"""Run configuration: dataclasses are the one source of truth, YAML gives values, ``key=value``
+overrides win, and the resolved config is written beside every run and into every checkpoint.
+
+Unknown keys and wrong types are refused with the valid names, so a typo never silently falls
+back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmtard.attacks import PGDConfig, parse_eps
+from mmtard.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """An open_clip architecture and its weights: a tag (``openai``), a local file, or none."""
+
+    name: str = "mmtard-tiny-vit"
+    pretrained: str | None = None
+
+
+@dataclass
+class TeacherConfig:
+    """One frozen teacher (METHOD.md §6): a full CLIP with its own text encoder."""
+
+    name: str = "mmtard-small-vit"
+    pretrained: str | None = None
+    role: str = "robust"
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    """Where training images come from. ``source``: world | imagefolder | imagenet | webdataset."""
+
+    source: str = "world"
+    root: str = ""
+    split: str = "train"
+    image_size: int | None = None
+    augment: bool = False
+    num_workers: int = 0
+    templates: list[str] = field(default_factory=lambda: ["This is a photo of a {}"])
+    strict: bool = False
+
+
+@dataclass
+class AttackConfig:
+    """The training attack (METHOD.md §2); eps and step size accept ``2/255`` strings."""
+
+    eps: str = "2/255"
+    step_size: str = "1/255"
+    steps: int = 10
+    norm: str = "linf"
+    momentum: float = 0.9
+    random_start: bool = True
+
+    def pgd(self) -> PGDConfig:
+        return PGDConfig(
+            eps=parse_eps(self.eps, "attack.eps"),
+            step_size=parse_eps(self.step_size, "attack.step_size"),
+            steps=self.steps,
+            norm=self.norm,
+            random_start=self.random_start,
+            momentum=self.momentum,
+        )
+
+
+@dataclass
+class MethodConfig:
+    """The loss. Every knob of METHOD.md §4-5; each method reads the ones it needs."""
+
+    name: str = "mmt_ard"
+    recipe: str = "paper"
+    confidence: str = "probability"
+    use_confidence: bool = True
+    use_balance: bool = True
+    use_clean: bool = True
+    use_robust: bool = True
+    kappa: float = 1.0
+    lambda_r: float = 1.0
+    lambda_c: float = 1.0
+    release_w_robust: float = 50.0
+    release_w_clean: float = 5.0
+    pmg_alpha: float = 1.0
+    pmg_beta: float = 1.0
+    mtard_eta_tau: float = 0.001
+    mtard_eta_w: float = 0.025
+    reference: ModelConfig | None = None
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation. ``global_batch`` stays the global batch whatever the number of ranks;
+    ``micro_batch`` (per rank) and the accumulation steps are derived from it."""
+
+    steps: int = 100
+    global_batch: int = 32
+    micro_batch: int | None = None
+    lr: float = 2e-5
+    weight_decay: float = 1e-4
+    warmup_frac: float = 0.07
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    lora: bool = False
+    lora_rank: int = 16
+    lora_alpha: int = 16
+    lora_dropout: float = 0.1
+    logit_scale: float = 100.0
+    log_every: int = 10
+    ckpt_every: int = 50
+    keep_checkpoints: int = 2
+    clean_teacher_cache: bool = True
+    compile: bool = False
+
+
+@dataclass
+class Config:
+    """A whole training run: student, teachers, data, attack, method, optimisation."""
+
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teachers: list[TeacherConfig] = field(default_factory=list)
+    data: DataConfig = field(default_factory=DataConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def teachers_with_role(self, role: str) -> list[TeacherConfig]:
+        return [t for t in self.teachers if t.role == role]
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass, with errors that name the key
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is list:
+        (item_type,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
+
+
+def from_dict(cls: type, data: Any, where: str = "config") -> Any:
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys with the valid names."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{where}: unknown key '{key}'.{hint} Valid keys: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    return dataclasses.asdict(obj)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` strings (value parsed as YAML; list items by index: ``teachers.0.x``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node: Any = data
+        parts = key.strip().split(".")
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"override '{key}': '{part}' is not an index of a list of {len(node)}")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            else:
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+                    if node is None:
+                        raise ConfigError(f"override '{key}': '{part}' is empty")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, cls: type = Config) -> Any:
+    """Read a YAML config (or defaults when ``path`` is None), apply overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    data = apply_overrides(data, overrides or [])
+    config = from_dict(cls, data, str(path) if path else "config")
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Checks that cross fields; per-field type checks happen in :func:`from_dict`."""
+    from mmtard.methods import METHODS  # methods import config: import here to avoid a cycle
+
+    method = config.method
+    if method.name not in METHODS:
+        raise ConfigError(f"method.name: unknown method '{method.name}'. Valid: {', '.join(sorted(METHODS))}")
+    if method.recipe not in ("paper", "release"):
+        raise ConfigError(f"method.recipe: '{method.recipe}' is not one of paper, release")
+    if method.confidence not in ("cosine", "probability"):
+        raise ConfigError(f"method.confidence: '{method.confidence}' is not one of cosine, probability")
+    for i, teacher in enumerate(config.teachers):
+        if teacher.role not in ("clean", "robust"):
+            raise ConfigError(f"teachers[{i}].role: '{teacher.role}' is not one of clean, robust")
+        if teacher.weight < 0:
+            raise ConfigError(f"teachers[{i}].weight: {teacher.weight} must be >= 0")
+    config.attack.pgd()  # parses eps and step size
+    train = config.train
+    if train.steps < 1 or train.global_batch < 1:
+        raise ConfigError("train.steps and train.global_batch must be >= 1")
+    if train.micro_batch is not None and train.micro_batch < 1:
+        raise ConfigError("train.micro_batch must be >= 1")
+    if train.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"train.precision: '{train.precision}' is not one of auto, fp32, bf16")
+    if not 0 <= train.warmup_frac < 1:
+        raise ConfigError(f"train.warmup_frac: {train.warmup_frac} must be in [0, 1)")
+    METHODS[method.name].check_config(config)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -1,0 +1,102 @@
+"""From a resolved config to objects: student, teachers, reference model, dataset and method.
+
+Kept apart from the loop so the trainer reads as a training step, and so the benchmark and the
+demo build exactly what a real run builds.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mmtard.config import Config, DataConfig, ModelConfig
+from mmtard.errors import ConfigError
+from mmtard.lora import add_lora
+from mmtard.methods import METHODS, Method, Teacher
+from mmtard.models import CLIPClassifier, ModelSpec, create_clip, freeze, train_only_image_tower
+from mmtard.zeroshot import text_weights
+
+log = logging.getLogger(__name__)
+
+
+def cache_root() -> Path:
+    """Where text embeddings are cached across runs (``MMTARD_CACHE_DIR`` overrides)."""
+    return Path(os.environ.get("MMTARD_CACHE_DIR", Path.home() / ".cache" / "mmtard"))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: '{name}' requested but CUDA is not available")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPU, fp32 on CPU (METHOD: deterministic CPU runs), unless told otherwise."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16
+
+
+def build_dataset(data: DataConfig, cache_ok: bool = False):
+    """The training set named by ``data.source``; labels index ``dataset.classnames``."""
+    from mmtard.data import ImageFolderDataset, imagenet_folder
+    from mmtard.world import load_world
+
+    if not data.root:
+        raise ConfigError("data.root is empty: set it to the dataset folder (or the world folder)")
+    if data.source == "world":
+        return load_world(data.root).classification(data.split, image_size=data.image_size,
+                                                    augment=data.augment, strict=data.strict)
+    if data.source == "imagenet":
+        return imagenet_folder(data.root, data.split, image_size=data.image_size or 224,
+                               augment=data.augment, strict=data.strict)
+    if data.source == "imagefolder":
+        return ImageFolderDataset(data.root, image_size=data.image_size, augment=data.augment, strict=data.strict)
+    raise ConfigError(f"data.source: '{data.source}' is not one of world, imagenet, imagefolder")
+
+
+def build_classifier(model_cfg: ModelConfig, classnames: list[str], templates: list[str],
+                     device: torch.device, scale: float | None) -> CLIPClassifier:
+    clip = create_clip(ModelSpec(model_cfg.name, model_cfg.pretrained), device)
+    weights = text_weights(clip, model_cfg.name, classnames, templates, cache_dir=cache_root() / "text")
+    return CLIPClassifier(clip, weights, scale=scale).to(device)
+
+
+def build_teachers(config: Config, classnames: list[str], device: torch.device) -> list[Teacher]:
+    teachers = []
+    for i, teacher_cfg in enumerate(config.teachers):
+        model = build_classifier(ModelConfig(teacher_cfg.name, teacher_cfg.pretrained), classnames,
+                                 config.data.templates, device, config.train.logit_scale)
+        teachers.append(Teacher(freeze(model), teacher_cfg.role, teacher_cfg.weight, name=f"teacher{i}-{teacher_cfg.role}"))
+    return teachers
+
+
+def build_student(config: Config, classnames: list[str], device: torch.device) -> tuple[CLIPClassifier, nn.Module | None]:
+    """The trainable student and, for methods that need one, a frozen copy of its initial self."""
+    student = build_classifier(config.student, classnames, config.data.templates, device, config.train.logit_scale)
+    reference = None
+    if METHODS[config.method.name].needs_reference:
+        if config.method.reference is not None:
+            reference = build_classifier(config.method.reference, classnames, config.data.templates,
+                                         device, config.train.logit_scale)
+        else:
+            reference = copy.deepcopy(student)
+        freeze(reference)
+    if config.train.lora:
+        add_lora(student.clip, config.train.lora_rank, config.train.lora_alpha, config.train.lora_dropout)
+    else:
+        train_only_image_tower(student.clip)
+    return student, reference
+
+
+def build_method(config: Config, student: CLIPClassifier, teachers: list[Teacher],
+                 reference: CLIPClassifier | None, amp: torch.dtype | None) -> Method:
+    cls = METHODS[config.method.name]
+    return cls(student, teachers, config.attack.pgd(), config.method, reference=reference, autocast_dtype=amp)

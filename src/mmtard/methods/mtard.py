@@ -1,0 +1,45 @@
+"""MTARD (Zhao et al. 2023, METHOD.md §5): adversarial distillation from a robust and a clean
+teacher with entropy-based temperatures and a normalised loss balance.
+
+The balancer's state changes every step and is checkpointed. Under DDP its inputs are averaged
+over ranks first, so all ranks keep the same temperatures and weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mmtard import losses
+from mmtard.distributed import all_reduce_mean
+from mmtard.methods.base import Method
+from mmtard.methods.distill import attack_targets, distillation_attack, teacher_outputs, _weights
+
+
+def _mixed_logits(outputs) -> torch.Tensor:
+    return sum(w * o.logits for w, o in zip(_weights(outputs), outputs))
+
+
+class MTARD(Method):
+    required_roles = ("clean", "robust")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.balancer = losses.MtardBalancer(eta_tau=self.cfg.mtard_eta_tau, eta_w=self.cfg.mtard_eta_w)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> dict:
+        clean_out = attack_targets(self, images, indices)
+        adv = distillation_attack(self, clean_out, images)
+        robust_out = teacher_outputs(self, "robust", adv)
+        student_clean, student_adv = self.student_logits_pair(images, adv)
+        loss, terms = self.balancer.loss(_mixed_logits(robust_out), student_adv, _mixed_logits(clean_out), student_clean)
+        if self.training:
+            keys = ("loss_adv", "loss_nat", "entropy_adv", "entropy_nat")
+            self.balancer.update(dict(zip(keys, all_reduce_mean(torch.stack([terms[k] for k in keys])).tolist())))
+        return {"loss": loss, **terms, "logits_adv": student_adv, "logits_clean": student_clean}
+
+    def state_dict_extra(self) -> dict:
+        return {"mtard_balancer": self.balancer.state_dict()}
+
+    def load_state_dict_extra(self, state: dict) -> None:
+        if "mtard_balancer" in state:
+            self.balancer.load_state_dict(state["mtard_balancer"])

@@ -1,0 +1,298 @@
+"""Loading CLIP models through open_clip and wrapping them as [0, 1]-image classifiers.
+
+Every model the attacks, losses and evaluation see is a :class:`CLIPClassifier`: it takes float
+images in [0, 1] at any size, resizes them to its own input size, applies its own mean/std and
+returns zero-shot logits against class text embeddings. Keeping normalisation inside the module is
+what lets the attack work in pixel space, so eps is in pixel units for every model alike
+(METHOD.md §1), and lets teachers and student have different input sizes and statistics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import logging
+import os
+import pickle
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmtard.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+TINY_MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+TINY_MODELS = ("mmtard-tiny-vit", "mmtard-small-vit")
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+_registered = False
+
+
+def register_tiny_models() -> None:
+    """Register the packaged tiny architectures with open_clip's own config registry (once)."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(TINY_MODEL_CONFIG_DIR)
+        _registered = True
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What identifies a model: an open_clip architecture and where its weights come from.
+
+    ``pretrained`` is ``None`` (random weights), an open_clip tag such as ``openai``, or a local
+    ``.pt``/``.pth``/``.bin``/``.safetensors`` file. ``name`` may be an ``hf-hub:org/repo`` id, in
+    which case ``pretrained`` must be empty.
+    """
+
+    name: str
+    pretrained: str | None = None
+
+
+def _hub_reachable(host: str = "huggingface.co") -> bool:
+    """Whether a download could possibly work; answers at once on an offline machine."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_cache_only(enabled: bool) -> Iterator[None]:
+    """Make huggingface_hub answer from its local cache only, so an offline miss fails fast
+    instead of retrying for a minute."""
+    if not enabled:
+        yield
+        return
+    import huggingface_hub.constants as hub_constants
+
+    previous = hub_constants.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = previous
+
+
+def _check_model_name(name: str) -> None:
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return
+    known = open_clip.list_models()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+        hint = f" Close names: {', '.join(close)}." if close else ""
+        raise ModelError(f"unknown open_clip model '{name}'.{hint} `open_clip.list_models()` lists all.")
+
+
+def _is_weight_file(pretrained: str) -> bool:
+    return pretrained.endswith(WEIGHT_SUFFIXES) or os.path.sep in pretrained or Path(pretrained).exists()
+
+
+def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from safetensors or a weights-only torch file; never unpickle code.
+
+    A file that needs arbitrary unpickling is refused: it could run code on load.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"weight file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path), device="cpu")
+        except Exception as exc:  # safetensors raises its own error types
+            raise ModelError(f"cannot read safetensors file {path}: {exc}") from exc
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise ModelError(
+                f"refusing to load {path}: it needs arbitrary unpickling, which can execute code "
+                "(torch.load weights_only=True rejected it). If you trust the file, convert it once "
+                "with `torch.load(path, weights_only=False)` and save its state_dict with "
+                f"safetensors. Detail: {str(exc).splitlines()[0]}"
+            ) from exc
+        except (RuntimeError, EOFError, OSError) as exc:
+            raise ModelError(f"cannot read weight file {path}: {exc}") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path} does not hold a state dict of tensors")
+    if state and next(iter(state)).startswith("module."):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _load_state_into(model: nn.Module, state: dict[str, torch.Tensor], path: str, name: str) -> None:
+    """Load a full-CLIP state dict, naming file and shapes on any architecture mismatch."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            raise ModelError(
+                f"{path} does not match architecture '{name}': tensor '{key}' has shape "
+                f"{tuple(value.shape)} in the file but {tuple(own[key].shape)} in the model"
+            )
+    if missing or unexpected:
+        raise ModelError(
+            f"{path} does not match architecture '{name}': {len(missing)} missing keys "
+            f"(first: {missing[:3]}), {len(unexpected)} unexpected keys (first: {unexpected[:3]})"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def create_clip(spec: ModelSpec, device: str | torch.device = "cpu") -> nn.Module:
+    """Build an open_clip CLIP from a name and a weights source, in eval mode.
+
+    Local files are loaded here (safely) rather than by open_clip, so a wrong file gets an error
+    that names both shapes. Tags and hf-hub ids go through open_clip's own pretrained machinery;
+    offline, a tag that is not in the local cache fails at once with advice to pass a file.
+    """
+    register_tiny_models()
+    name, pretrained = spec.name, spec.pretrained or None
+    _check_model_name(name)
+    if pretrained and _is_weight_file(pretrained):
+        model = open_clip.create_model(name, pretrained=None, device="cpu")
+        _load_state_into(model, load_weights_file(pretrained), pretrained, name)
+    elif pretrained or name.startswith("hf-hub:"):
+        if pretrained and pretrained not in open_clip.list_pretrained_tags_by_model(name):
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            raise ModelError(
+                f"'{pretrained}' is neither a file nor a pretrained tag of '{name}' "
+                f"(tags: {', '.join(tags) or 'none'})"
+            )
+        offline = not _hub_reachable()
+        try:
+            with _hub_cache_only(offline):
+                model = open_clip.create_model(name, pretrained=pretrained, device="cpu")
+        except Exception as exc:
+            where = f"'{name}' with pretrained='{pretrained}'" if pretrained else f"'{name}'"
+            if offline:
+                raise ModelError(
+                    f"cannot load {where}: the weights are not in the local cache and this machine "
+                    "is offline. Download them elsewhere and pass a local .safetensors/.pt file as "
+                    "`pretrained`."
+                ) from exc
+            raise ModelError(f"cannot load {where}: {exc}") from exc
+    else:
+        model = open_clip.create_model(name, pretrained=None, device="cpu")
+    return model.to(device).eval()
+
+
+def preprocess_stats(clip: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...], tuple[int, int]]:
+    """Mean, std and (H, W) input size a CLIP expects, from open_clip's own preprocess config."""
+    cfg = getattr(clip.visual, "preprocess_cfg", None) or {}
+    mean = tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
+    std = tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))
+    size = cfg.get("size", getattr(clip.visual, "image_size", 224))
+    if isinstance(size, int):
+        size = (size, size)
+    return mean, std, (int(size[0]), int(size[1]))
+
+
+class CLIPClassifier(nn.Module):
+    """A CLIP seen as a zero-shot classifier of [0, 1] images (the contract of DESIGN.md).
+
+    ``logits(x) = scale * normalize(f(x)) @ text_weights``. ``scale`` is fixed at 100 in all
+    training losses (METHOD.md §1); evaluation passes ``scale=None`` to use the model's own
+    learnt logit scale.
+    """
+
+    def __init__(self, clip: nn.Module, text_weights: torch.Tensor | None = None, scale: float | None = 100.0):
+        super().__init__()
+        self.clip = clip
+        mean, std, size = preprocess_stats(clip)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.image_size = size
+        self.scale = scale
+        self.register_buffer("text_weights", torch.empty(0), persistent=False)
+        if text_weights is not None:
+            self.set_text_weights(text_weights)
+
+    @property
+    def visual(self) -> nn.Module:
+        return self.clip.visual
+
+    @property
+    def num_classes(self) -> int:
+        return self.text_weights.shape[1] if self.text_weights.numel() else 0
+
+    def set_text_weights(self, text_weights: torch.Tensor) -> None:
+        """Install a d x K matrix of normalised class embeddings."""
+        self.text_weights = text_weights.to(device=self.mean.device, dtype=torch.float32)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Resize to the model's input size and normalise; differentiable, so attacks pass through."""
+        if tuple(x.shape[-2:]) != self.image_size:
+            x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False, antialias=False)
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def image_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Unnormalised image embedding (FARE matches these)."""
+        return self.clip.encode_image(self.prepare(x))
+
+    def image_embed(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_features(x).float(), dim=-1)
+
+    def logit_scale(self) -> torch.Tensor | float:
+        return self.scale if self.scale is not None else self.clip.logit_scale.exp().detach().float()
+
+    def logits_from_embed(self, embed: torch.Tensor) -> torch.Tensor:
+        if not self.text_weights.numel():
+            raise ModelError("this classifier has no class text embeddings yet (call set_text_weights)")
+        return self.logit_scale() * embed.float() @ self.text_weights
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits_from_embed(self.image_embed(x))
+
+    def forward(self, x: torch.Tensor, output: str = "logits") -> torch.Tensor:
+        """Logits by default; ``output="features"`` gives the unnormalised image features. One entry
+        point for both, so a DDP wrapper around this module sees every trainable forward."""
+        if output == "features":
+            return self.image_features(x)
+        return self.logits(x)
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Freeze a model for good: no gradients, eval mode (teachers and reference models)."""
+    module.eval()
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
+    return module
+
+
+def train_only_image_tower(clip: nn.Module) -> None:
+    """Only the student's image encoder trains; its text encoder and logit scale stay frozen."""
+    for parameter in clip.parameters():
+        parameter.requires_grad_(False)
+    for parameter in clip.visual.parameters():
+        parameter.requires_grad_(True)
+
+
+def export_open_clip(clip: nn.Module, path: str | Path) -> Path:
+    """Write a full CLIP as one safetensors file that
+    ``open_clip.create_model_and_transforms(name, pretrained=path)`` loads back unchanged.
+
+    Written atomically (temporary file, then rename) so a crash never leaves a half file.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in clip.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, path)
+    return path

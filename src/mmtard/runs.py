@@ -1,0 +1,105 @@
+"""Run folders: what makes DIR resumable, finished, or someone else's.
+
+A run folder holds ``config.yaml``, ``run.json`` (versions, git commit, batch plan), ``metrics.csv``,
+``tensorboard/``, ``checkpoints/`` and, once finished, ``student.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from mmtard.checkpoint import latest_checkpoint
+from mmtard.config import Config, to_dict
+from mmtard.errors import ConfigError, MmtardError
+
+FINISHED_MARKER = "student.safetensors"
+_IGNORED_ON_COMPARE = {("train", "steps"), ("train", "log_every"), ("train", "ckpt_every"),
+                       ("train", "keep_checkpoints"), ("data", "num_workers")}
+
+
+def _comparable(config: dict) -> dict:
+    """The part of a config that must not change between a run and its resumption."""
+    return {section: {k: v for k, v in values.items() if (section, k) not in _IGNORED_ON_COMPARE}
+            if isinstance(values, dict) else values for section, values in config.items()}
+
+
+def prepare_run_dir(run_dir: Path, config: Config, force: bool, is_main: bool = True) -> Path | None:
+    """Create DIR or decide how to continue in it; returns the checkpoint to resume from, if any.
+
+    A finished run is not overwritten without ``force``; a run with checkpoints resumes only with
+    the same config (except its length and logging cadence); a folder holding something that is
+    not an mmtard run is refused.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise MmtardError(f"output path {run_dir} exists and is not a folder")
+    finished = (run_dir / FINISHED_MARKER).exists()
+    if force and is_main and run_dir.exists():
+        _clear_run(run_dir)
+        finished = False
+    if finished:
+        raise MmtardError(f"{run_dir} holds a finished run ({FINISHED_MARKER}); pass --force to overwrite it")
+    last = latest_checkpoint(run_dir)
+    saved = run_dir / "config.yaml"
+    if last is not None and saved.exists():
+        previous = yaml.safe_load(saved.read_text()) or {}
+        if _comparable(previous) != _comparable(to_dict(config)):
+            raise MmtardError(
+                f"{run_dir} holds a run with a different config ({saved}); use another --out or --force")
+        return last
+    if run_dir.exists() and any(run_dir.iterdir()) and not (saved.exists() or (run_dir / "checkpoints").exists()):
+        raise MmtardError(f"{run_dir} is not empty and is not an mmtard run folder; choose another --out")
+    if is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise MmtardError(f"cannot write to output folder {run_dir}: {exc.strerror or exc}") from exc
+    return None
+
+
+def _clear_run(run_dir: Path) -> None:
+    import shutil
+
+    for name in ("checkpoints", "tensorboard", "cache"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    for name in (FINISHED_MARKER, "metrics.csv", "config.yaml", "run.json"):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment_info() -> dict:
+    import open_clip
+    import torch
+
+    import mmtard
+
+    return {
+        "mmtard": mmtard.__version__,
+        "git_commit": git_commit(),
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def write_run_info(run_dir: Path, world_size: int, plan) -> None:
+    info = {**environment_info(), "world_size": world_size, "micro_batch": plan.micro_batch,
+            "accumulation": plan.accumulation, "pid": os.getpid()}
+    (run_dir / "run.json").write_text(json.dumps(info, indent=2))

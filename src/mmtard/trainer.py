@@ -1,0 +1,322 @@
+"""The one training loop, used by every method and by teacher training.
+
+Single process: ``mmtard distill --config FILE --out DIR``.
+Many GPUs: ``torchrun --nproc_per_node=8 -m mmtard distill --config FILE --out DIR``.
+
+Per step: for each micro-batch the method crafts x_adv against the (unwrapped) student and
+returns its loss; gradients accumulate to the global batch; clip, AdamW, cosine schedule. Only
+the student's image tower (or its LoRA adapters) trains; teachers are frozen in eval mode.
+Host-device syncs happen only at log and checkpoint intervals.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from mmtard import checkpoint as ckpt
+from mmtard.config import Config, save_config, to_dict
+from mmtard.distributed import DistEnv, all_reduce_mean, barrier, init_distributed
+from mmtard.errors import ConfigError, MmtardError
+from mmtard.factory import (autocast_dtype, build_dataset, build_method, build_student, build_teachers,
+                            resolve_device)
+from mmtard.lora import merged_copy
+from mmtard.metrics import MetricsWriter
+from mmtard.models import export_open_clip
+from mmtard.runs import prepare_run_dir, write_run_info
+from mmtard.teacher_cache import CleanTeacherCache
+
+log = logging.getLogger(__name__)
+
+STUDENT_FILE = "student.safetensors"
+
+
+class DivergenceError(MmtardError):
+    """A loss term or the gradients became NaN or infinite."""
+
+
+@dataclass
+class BatchPlan:
+    """How the global batch is split: per-rank micro-batch x accumulation x ranks."""
+
+    micro_batch: int
+    accumulation: int
+    world_size: int
+
+    @classmethod
+    def from_config(cls, global_batch: int, micro_batch: int | None, world_size: int) -> "BatchPlan":
+        if global_batch % world_size:
+            lower = global_batch // world_size * world_size
+            raise ConfigError(
+                f"train.global_batch {global_batch} is not divisible by the world size {world_size}; "
+                f"nearest valid values: {lower or world_size} or {lower + world_size}"
+            )
+        per_rank = global_batch // world_size
+        micro = min(micro_batch or per_rank, per_rank)
+        if per_rank % micro:
+            raise ConfigError(f"train.micro_batch {micro} does not divide the per-rank batch {per_rank}")
+        return cls(micro, per_rank // micro, world_size)
+
+
+def cosine_lr(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up then cosine decay to zero (METHOD.md §7), as a multiplier of the base lr."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def epoch_indices(n: int, epoch: int, seed: int, env: DistEnv, micro: int) -> list[int]:
+    """This rank's sample order for one epoch: a seeded permutation, sharded, cut to whole batches.
+    Recomputable from (seed, epoch) alone, which is what makes the data position resumable."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=generator).tolist()
+    shard = order[env.rank::env.world_size][: n // env.world_size]
+    return shard[: len(shard) // micro * micro]
+
+
+class Trainer:
+    """Builds a run from a config and trains it to the end, resuming from DIR if possible."""
+
+    def __init__(self, config: Config, run_dir: str | Path, force: bool = False, show_progress: bool = True):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.device = resolve_device(config.train.device)
+        self.env = init_distributed(self.device.type)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", self.env.local_rank)
+        self.show_progress = show_progress and self.env.is_main
+        self.resume_from = prepare_run_dir(self.run_dir, config, force=force, is_main=self.env.is_main)
+        self.plan = BatchPlan.from_config(config.train.global_batch, config.train.micro_batch, self.env.world_size)
+        self.amp = autocast_dtype(config.train.precision, self.device)
+        torch.manual_seed(config.train.seed + self.env.rank)
+
+        self.dataset = build_dataset(config.data)
+        if len(self.dataset) < self.plan.micro_batch * self.env.world_size:
+            raise ConfigError(f"the dataset has {len(self.dataset)} samples, fewer than one global micro-batch")
+        classnames = list(self.dataset.classnames)
+        self.student, reference = build_student(config, classnames, self.device)
+        teachers = build_teachers(config, classnames, self.device)
+        self.method = build_method(config, self.student, teachers, reference, self.amp)
+        if config.train.clean_teacher_cache and not config.data.augment and teachers:
+            self.method.clean_cache = CleanTeacherCache(self.run_dir / "cache" / "clean_teacher",
+                                                        len(self.dataset), rank=self.env.rank)
+        self.trainable = [p for p in self.student.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=config.train.lr, weight_decay=config.train.weight_decay,
+                                           **({"fused": True} if self.device.type == "cuda" else {}))
+        self.warmup = int(config.train.warmup_frac * config.train.steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: cosine_lr(s, config.train.steps, self.warmup))
+        self.method.student_forward = self._wrap_ddp(self.student)
+        self.step = 0
+        self.position = 0  # micro-batches this rank has consumed since the start
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _wrap_ddp(self, student: nn.Module) -> nn.Module:
+        """Only the trainable student is wrapped; the attack keeps using the bare module."""
+        if not self.env.enabled:
+            return student
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(student, device_ids=ids)
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.student.state_dict().items() if k in self._trainable_names()}
+
+    def _trainable_names(self) -> set[str]:
+        return {name for name, p in self.student.named_parameters() if p.requires_grad}
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "position": self.position,
+            "student": {k: v.detach().cpu() for k, v in self._trainable_state().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "method": self.method.state_dict_extra(),
+            "rng": ckpt.rng_state(),
+            "config": to_dict(self.config),
+            "world_size": self.env.world_size,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = self._trainable_names() - set(state["student"])
+        if missing:
+            raise MmtardError(f"checkpoint lacks student weights {sorted(missing)[:3]}")
+        self.student.load_state_dict(state["student"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.method.load_state_dict_extra(state.get("method", {}))
+        self.step, self.position = int(state["step"]), int(state["position"])
+        ckpt.set_rng_state(state["rng"])
+        if self.env.rank:  # per-rank streams must differ; restore the rank offset deterministically
+            torch.manual_seed(self.config.train.seed + self.env.rank + 7919 * self.step)
+
+    # ------------------------------------------------------------------ data
+    def _batches(self):
+        """Endless micro-batches starting at ``self.position``, epoch after epoch."""
+        micro = self.plan.micro_batch
+        per_epoch = len(epoch_indices(len(self.dataset), 0, self.config.train.seed, self.env, micro)) // micro
+        epoch, offset = divmod(self.position, per_epoch)
+        while True:
+            indices = epoch_indices(len(self.dataset), epoch, self.config.train.seed, self.env, micro)[offset * micro:]
+            loader = DataLoader(self.dataset, batch_size=micro, sampler=indices, drop_last=True,
+                                num_workers=self.config.data.num_workers,
+                                pin_memory=self.device.type == "cuda", persistent_workers=False)
+            yield from loader
+            self._report_skipped(epoch)
+            epoch, offset = epoch + 1, 0
+
+    def _report_skipped(self, epoch: int) -> None:
+        pop = getattr(self.dataset, "pop_skipped", None)
+        if pop is None:
+            return
+        count, paths = pop()
+        if count:
+            log.warning("epoch %d: skipped %d unreadable images (first: %s)", epoch, count, ", ".join(paths[:3]))
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> Path:
+        """Train to ``train.steps`` and export the student; returns the exported file."""
+        if self.resume_from is not None:
+            self.load_state_dict(ckpt.load_checkpoint(self.resume_from))
+            log.info("resumed from %s at step %d", self.resume_from, self.step)
+        if self.env.is_main:
+            save_config(self.config, self.run_dir / "config.yaml")
+            write_run_info(self.run_dir, self.env.world_size, self.plan)
+        metrics = MetricsWriter(self.run_dir, self.step) if self.env.is_main else None
+        total = self.config.train.steps
+        bar = tqdm(total=total, initial=self.step, desc=f"{self.config.method.name}", disable=not self.show_progress,
+                   dynamic_ncols=True)
+        batches = self._batches()
+        sums: dict[str, torch.Tensor] = {}
+        bad: dict[str, torch.Tensor] = {}
+        t_log, images_since_log = time.perf_counter(), 0
+        check_every = 1 if self.device.type == "cpu" else self.config.train.log_every
+        self.method.train()
+        try:
+            while self.step < total:
+                step_sums = self._train_step(batches, bad)
+                for key, value in step_sums.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                self.step += 1
+                images_since_log += self.config.train.global_batch
+                bar.update(1)
+                is_log = self.step % self.config.train.log_every == 0 or self.step == total
+                is_ckpt = self.step % self.config.train.ckpt_every == 0 or self.step == total
+                if is_log or is_ckpt or self.step % check_every == 0:
+                    self._raise_if_diverged(bad)
+                if is_log:
+                    elapsed = time.perf_counter() - t_log
+                    row = self._log_row(sums, elapsed, images_since_log)
+                    if metrics is not None:
+                        metrics.write(self.step, row)
+                        bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}")
+                        log.info("step %d/%d %s", self.step, total,
+                                 " ".join(f"{k}={v:.4g}" for k, v in row.items()))
+                    sums, t_log, images_since_log = {}, time.perf_counter(), 0
+                if is_ckpt:
+                    self._save_checkpoint()
+        finally:
+            bar.close()
+            if metrics is not None:
+                metrics.close()
+            if self.method.clean_cache is not None:
+                self.method.clean_cache.flush()
+        return self._export()
+
+    def _train_step(self, batches, bad: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One optimiser step over ``accumulation`` micro-batches; returns summed detached terms."""
+        sums: dict[str, torch.Tensor] = {}
+        forward = self.method.student_forward
+        for micro in range(self.plan.accumulation):
+            images, labels, indices = next(batches)
+            self.position += 1
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            sync = micro == self.plan.accumulation - 1
+            context = forward.no_sync() if (self.env.enabled and not sync) else _null()
+            with context:
+                with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                    out = self.method(images, labels, indices)
+                (out["loss"] / self.plan.accumulation).backward()
+            for key, value in self._step_terms(out, images, labels).items():
+                sums[key] = sums.get(key, 0.0) + value / self.plan.accumulation
+                bad[key] = bad.get(key, torch.zeros((), dtype=torch.bool, device=self.device)) | ~torch.isfinite(value)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.config.train.grad_clip)
+        bad["gradients"] = bad.get("gradients", torch.zeros((), dtype=torch.bool, device=self.device)) | ~torch.isfinite(grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        sums["grad_norm"] = grad_norm.detach().float()
+        return sums
+
+    def _step_terms(self, out: dict, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        terms = {k: v.detach().float() for k, v in out.items()
+                 if isinstance(v, torch.Tensor) and v.dim() == 0}
+        for name in ("adv", "clean"):
+            logits = out.get(f"logits_{name}")
+            if logits is not None:
+                terms[f"train_acc_{name}"] = (logits.detach().argmax(-1) == labels).float().mean() * 100
+        return terms
+
+    def _raise_if_diverged(self, bad: dict[str, torch.Tensor]) -> None:
+        if not bad:
+            return
+        names = list(bad)
+        flags = torch.stack([bad[n] for n in names]).cpu().tolist()
+        failed = [n for n, f in zip(names, flags) if f]
+        if failed:
+            last = ckpt.latest_checkpoint(self.run_dir)
+            raise DivergenceError(
+                f"training diverged by step {self.step}: non-finite {', '.join(failed)}. "
+                f"The last good checkpoint is kept: {last or 'none written yet'}"
+            )
+
+    def _log_row(self, sums: dict[str, torch.Tensor], elapsed: float, images: int) -> dict[str, float]:
+        """Means over the steps since the last log and over ranks: the one sync of the interval."""
+        steps = max(1, images // self.config.train.global_batch)
+        names = sorted(sums)
+        values = all_reduce_mean(torch.stack([torch.as_tensor(sums[n], device=self.device).float() for n in names]))
+        row = {n: v / steps for n, v in zip(names, values.cpu().tolist())}
+        row["lr"] = self.scheduler.get_last_lr()[0]
+        row["images_per_s"] = images / max(elapsed, 1e-9)
+        return row
+
+    def _save_checkpoint(self) -> None:
+        if self.env.is_main:
+            state = self.state_dict()
+            ckpt.save_checkpoint(self.run_dir, self.step, state, keep=self.config.train.keep_checkpoints)
+        if self.method.clean_cache is not None:
+            self.method.clean_cache.flush()
+        barrier()
+
+    def _export(self) -> Path:
+        path = self.run_dir / STUDENT_FILE
+        if self.env.is_main:
+            export_open_clip(merged_copy(self.student.clip), path)
+            log.info("student written to %s", path)
+        barrier()
+        return path
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def train(config: Config, run_dir: str | Path, force: bool = False, show_progress: bool = True) -> Path:
+    """Train (or resume) the run described by ``config`` in ``run_dir``; returns the student file."""
+    return Trainer(config, run_dir, force=force, show_progress=show_progress).train()

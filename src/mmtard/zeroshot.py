@@ -1,0 +1,147 @@
+"""Zero-shot heads: class names + prompt templates -> class text embeddings, cached on disk.
+
+Each model uses its own text encoder (METHOD.md §1): column k of W is
+normalize(mean over templates t of normalize(g(t(class_k)))). Text embeddings of a frozen text
+tower never change, so they are computed once per (weights, classes, templates) and reused from a
+small cache file; a change of any of the three changes the key and invalidates the entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Sequence
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmtard.errors import DataError
+
+log = logging.getLogger(__name__)
+
+# The release trains with this single template (METHOD.md §1).
+TRAIN_TEMPLATES = ("This is a photo of a {}",)
+
+# Names of the zero-shot suite of METHOD.md §8, as clip-benchmark spells them.
+ZEROSHOT_SUITE = (
+    "cifar10", "cifar100", "stl10", "cars", "caltech101", "pets", "flowers", "dtd", "eurosat",
+    "fgvc_aircraft", "pcam", "imagenet-r", "imagenet_sketch",
+)
+
+
+def _template_string(template: str | Callable[[str], str]) -> str:
+    """open_clip stores templates as lambdas; a '{}' string form is what we hash and format."""
+    return template if isinstance(template, str) else template("{}")
+
+
+def imagenet_classnames() -> list[str]:
+    """The 1 000 ImageNet class names, from open_clip (OpenAI's curated names)."""
+    return list(open_clip.IMAGENET_CLASSNAMES)
+
+
+def imagenet_templates() -> list[str]:
+    """The 80-template OpenAI ImageNet ensemble used for evaluation (METHOD.md §8)."""
+    return [_template_string(t) for t in open_clip.OPENAI_IMAGENET_TEMPLATES]
+
+
+@lru_cache(maxsize=None)
+def _clip_benchmark_json(filename: str) -> dict:
+    import clip_benchmark.datasets as cbd
+
+    with open(Path(cbd.__file__).parent / filename, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def suite_templates(dataset: str) -> list[str]:
+    """Prompt templates of a zero-shot dataset, from clip-benchmark's English template file."""
+    name = _suite_key(dataset)
+    if name in ("imagenet1k", "imagenet-r", "imagenet_sketch"):
+        return imagenet_templates()
+    templates = _clip_benchmark_json("en_zeroshot_classification_templates.json")
+    if name not in templates:
+        raise DataError(f"clip-benchmark has no templates for dataset '{dataset}'")
+    return list(templates[name])
+
+
+def suite_classnames(dataset: str) -> list[str] | None:
+    """Curated class names from clip-benchmark where it has them; None means: use the dataset's own
+    ``classes`` (torchvision datasets such as CIFAR name their classes well)."""
+    name = _suite_key(dataset)
+    if name == "imagenet1k":
+        return imagenet_classnames()
+    names = _clip_benchmark_json("en_classnames.json")
+    return list(names[name]) if name in names else None
+
+
+def _suite_key(dataset: str) -> str:
+    return {"imagenet": "imagenet1k"}.get(dataset, dataset)
+
+
+def _fingerprint_text_tower(clip: nn.Module) -> str:
+    """Hash of every weight the text embeddings depend on (all but the image tower)."""
+    digest = hashlib.sha256()
+    for key, value in sorted(clip.state_dict().items()):
+        if key.startswith("visual."):
+            continue
+        digest.update(key.encode())
+        digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+def cache_key(clip: nn.Module, classnames: Sequence[str], templates: Sequence[str]) -> str:
+    payload = json.dumps({"classes": list(classnames), "templates": list(templates)}, ensure_ascii=False)
+    text_hash = hashlib.sha256(payload.encode()).hexdigest()[:24]
+    return f"{_fingerprint_text_tower(clip)}-{text_hash}"
+
+
+@torch.no_grad()
+def compute_text_weights(
+    clip: nn.Module,
+    tokenizer: Callable,
+    classnames: Sequence[str],
+    templates: Sequence[str | Callable[[str], str]],
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """d x K matrix of class embeddings: template-averaged, normalised (METHOD.md §1)."""
+    templates = [_template_string(t) for t in templates]
+    if not classnames or not templates:
+        raise DataError("a zero-shot head needs at least one class name and one template")
+    device = next(clip.parameters()).device
+    prompts = [t.format(c) for c in classnames for t in templates]
+    chunks = []
+    for start in range(0, len(prompts), batch_size):
+        tokens = tokenizer(prompts[start:start + batch_size]).to(device)
+        chunks.append(F.normalize(clip.encode_text(tokens).float(), dim=-1))
+    per_prompt = torch.cat(chunks).view(len(classnames), len(templates), -1)
+    return F.normalize(per_prompt.mean(dim=1), dim=-1).t().contiguous()
+
+
+def text_weights(
+    clip: nn.Module,
+    model_name: str,
+    classnames: Sequence[str],
+    templates: Sequence[str | Callable[[str], str]],
+    cache_dir: str | Path | None = None,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Class text embeddings for ``clip``, read from ``cache_dir`` when already computed."""
+    templates = [_template_string(t) for t in templates]
+    cache_file = None
+    if cache_dir is not None:
+        cache_file = Path(cache_dir) / f"text-{cache_key(clip, classnames, templates)}.pt"
+        if cache_file.is_file():
+            log.debug("text embeddings from cache %s", cache_file)
+            return torch.load(cache_file, map_location="cpu", weights_only=True).to(next(clip.parameters()).device)
+    weights = compute_text_weights(clip, open_clip.get_tokenizer(model_name), classnames, templates, batch_size)
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(cache_file.name + f".{os.getpid()}.tmp")
+        torch.save(weights.cpu(), tmp)
+        os.replace(tmp, cache_file)
+    return weights
