@@ -30,6 +30,8 @@ def parse_eps(value: str | float | int, name: str = "eps") -> float:
     """
     text = str(value).strip()
     try:
+        if text.count("/") > 1:
+            raise ValueError(text)
         if "/" in text:
             numerator, denominator = text.split("/", 1)
             eps = float(Fraction(numerator.strip()) / Fraction(denominator.strip()))
@@ -95,16 +97,21 @@ def _project(delta: torch.Tensor, x: torch.Tensor, cfg: PGDConfig) -> torch.Tens
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module | None):
-    """The student is attacked in eval mode (METHOD.md §2) and returned in the mode it had."""
+    """The student is attacked in eval mode (METHOD.md §2) and returned in the mode it had.
+
+    The mode is restored module by module: ``model.train(flag)`` would also switch submodules that
+    were deliberately left in eval mode (a frozen tower, frozen norms).
+    """
     if model is None:
         yield
         return
-    was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 def pgd(

@@ -135,7 +135,13 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    # key=value overrides may come before or after options such as --force
+    if extras and not (hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extras)):
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    if extras:
+        args.overrides = list(args.overrides) + extras
     # open_clip logs its model-building steps on the root logger at INFO: keep the root at WARNING
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")

@@ -3,6 +3,10 @@
 open_clip's ViT blocks use ``nn.MultiheadAttention``; targeting the ``attn`` modules gives peft's
 LoRA for multi-head attention, which adapts both the fused qkv input projection and the output
 projection, as the release does, for any width (nothing here knows the embedding size).
+
+peft implements LoRA on ``nn.MultiheadAttention`` by merging the adapters into the base weights
+for each forward and unmerging them afterwards; the frozen base weights therefore drift by float
+rounding (about 1e-8 per step) although no optimiser ever updates them.
 """
 
 from __future__ import annotations

@@ -169,8 +169,11 @@ class Trainer:
         epoch, offset = divmod(self.position, per_epoch)
         while True:
             indices = epoch_indices(len(self.dataset), epoch, self.config.train.seed, self.env, micro)[offset * micro:]
+            # A private generator: creating the loader's iterator must not draw from the global
+            # RNG, or a resumed run's attack noise would be shifted by one draw.
+            generator = torch.Generator().manual_seed(self.config.train.seed * 7 + epoch * 1009 + self.env.rank)
             loader = DataLoader(self.dataset, batch_size=micro, sampler=indices, drop_last=True,
-                                num_workers=self.config.data.num_workers,
+                                num_workers=self.config.data.num_workers, generator=generator,
                                 pin_memory=self.device.type == "cuda", persistent_workers=False)
             yield from loader
             self._report_skipped(epoch)

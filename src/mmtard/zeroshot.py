@@ -59,14 +59,18 @@ def _clip_benchmark_json(filename: str) -> dict:
 
 
 def suite_templates(dataset: str) -> list[str]:
-    """Prompt templates of a zero-shot dataset, from clip-benchmark's English template file."""
+    """Prompt templates of a zero-shot dataset, from clip-benchmark's English template file.
+
+    clip-benchmark writes the slot as ``{c}``; it is returned as ``{}``, the form
+    :func:`compute_text_weights` formats and the cache key hashes.
+    """
     name = _suite_key(dataset)
     if name in ("imagenet1k", "imagenet-r", "imagenet_sketch"):
         return imagenet_templates()
     templates = _clip_benchmark_json("en_zeroshot_classification_templates.json")
     if name not in templates:
         raise DataError(f"clip-benchmark has no templates for dataset '{dataset}'")
-    return list(templates[name])
+    return [t.replace("{c}", "{}") for t in templates[name]]
 
 
 def suite_classnames(dataset: str) -> list[str] | None:

@@ -1,0 +1,432 @@
+"""Clean and adversarial zero-shot accuracy of CLIP models over datasets and radii -> results.json.
+
+The protocol of METHOD.md §8: each model is a :class:`~mmtard.models.CLIPClassifier` with its own
+logit scale (``scale=None``) and its own text embeddings of the dataset's class names and
+templates; images enter at native resolution and the classifier's resize counts as part of the
+model, so eps is in the dataset's pixel space. Robust accuracy comes from AutoAttack
+(:mod:`mmtard.autoattack`); clean-misclassified samples count as non-robust and are not attacked.
+
+Resumable and mergeable: per-sample verdicts live in ``out_dir/samples/<row>/<dataset>.json`` and
+are rewritten atomically after every batch and eps, so an evaluation killed midway recomputes only
+what is missing. Batches are fixed slices of the seeded subsample and each attack call has its own
+seed, so a resumed run gives exactly the numbers of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from mmtard.attacks import format_eps, parse_eps
+from mmtard.autoattack import AttackSpec, robust_flags
+from mmtard.errors import ConfigError, DataError
+from mmtard.results import (
+    RESULTS_NAME,
+    SCHEMA_VERSION,
+    load_results,
+    now_iso,
+    sanity_checks,
+    sorted_eps,
+    validate_results,
+    write_json_atomic,
+    zeroshot_average,
+)
+
+log = logging.getLogger(__name__)
+
+BatchHook = Callable[[str, str, int], None]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A row of the results table: an open_clip architecture and its weights.
+
+    Attributes:
+        row: the row name in results.json and the report (``undefended`` flags itself).
+        arch: open_clip model name, e.g. ``ViT-B-32`` or ``mmtard-tiny-vit``.
+        weights: open_clip pretrained tag, local weights file, or None (random weights).
+        undefended: marks a model with no adversarial training, whose robust accuracy at the
+            largest eps should be near zero (a sanity check).
+    """
+
+    row: str
+    arch: str
+    weights: str | None = None
+    undefended: bool = False
+
+
+@dataclass
+class DatasetEntry:
+    """One evaluation set: images with labels, and the zero-shot head's class names and templates.
+
+    ``kind`` is ``zeroshot`` or ``classification``; only zero-shot sets enter the average.
+    """
+
+    name: str
+    dataset: Dataset
+    classnames: list[str]
+    templates: list[str]
+    kind: str = "zeroshot"
+    meta: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- dataset builders
+def world_datasets(
+    world_dir: str | Path, sets: Sequence[str] | None = None, image_size: int | None = None
+) -> list[DatasetEntry]:
+    """The offline world's sets: ``world`` (classification val split) and ``world-<set>`` for each
+    zero-shot set (``world-colors``, ``world-shapes``, ``world-sketch``).
+
+    Args:
+        world_dir: a folder written by :func:`mmtard.world.generate_world`.
+        sets: names to keep (e.g. ``["world", "world-shapes"]``); None keeps all.
+        image_size: None keeps the world's native size.
+    """
+    from mmtard.world import load_world
+
+    world = load_world(world_dir)
+    names = ["world"] + [f"world-{s}" for s in world.zeroshot_names]
+    if sets is not None:
+        unknown = sorted(set(sets) - set(names))
+        if unknown:
+            raise DataError(f"world at {world_dir} has no set {unknown}; it has {names}")
+        names = [n for n in names if n in sets]
+    out = []
+    for name in names:
+        if name == "world":
+            ds = world.classification("val", image_size=image_size)
+            out.append(DatasetEntry(name, ds, list(world.classnames), list(world.templates), "classification"))
+        else:
+            short = name[len("world-"):]
+            ds = world.zeroshot_set(short, image_size=image_size)
+            info = world.zeroshot[short]
+            out.append(DatasetEntry(name, ds, list(info["classnames"]), list(info["templates"])))
+    return out
+
+
+def imagenet_dataset(
+    root: str | Path, list_file: str | Path | None = None, full_val: bool = False, image_size: int | None = 224
+) -> DatasetEntry:
+    """ImageNet validation as a zero-shot set with the 80 OpenAI templates.
+
+    By default the fixed 5 000-image RobustBench subset (METHOD.md §8); ``full_val`` reads the
+    whole ``val/`` folder. ImageNet is the training distribution, so it is of kind
+    ``classification`` and stays out of the zero-shot average.
+    """
+    from mmtard.data import imagenet_folder, imagenet_val_subset
+    from mmtard.zeroshot import imagenet_templates
+
+    if full_val:
+        ds = imagenet_folder(root, "val", image_size=image_size)
+    else:
+        ds = imagenet_val_subset(root, list_file=list_file, image_size=image_size)
+    return DatasetEntry("imagenet", ds, list(ds.classnames), imagenet_templates(), "classification")
+
+
+def suite_datasets(names: Sequence[str], root: str | Path, image_size: int | None = 224) -> list[DatasetEntry]:
+    """Sets of the clip-benchmark zero-shot suite.
+
+    ``root`` is either a template holding ``{name}`` (as clip-benchmark's ``--dataset_root``) or a
+    folder holding one sub-folder per dataset name.
+    """
+    from mmtard.data import build_zeroshot_dataset
+    from mmtard.zeroshot import suite_classnames, suite_templates
+
+    out = []
+    for name in names:
+        where = str(root).format(name=name, dataset=name) if "{" in str(root) else Path(root) / name
+        ds = build_zeroshot_dataset(name, where, image_size=image_size)
+        classnames = suite_classnames(name) or list(ds.classnames)
+        try:
+            templates = suite_templates(name)
+        except DataError:
+            templates = list(ds.templates)
+        out.append(DatasetEntry(name, ds, classnames, templates))
+    return out
+
+
+# ----------------------------------------------------------------------------- per-sample store
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def _sample_path(out_dir: Path, row: str, dataset: str) -> Path:
+    return out_dir / "samples" / row / f"{dataset}.json"
+
+
+def _new_record(
+    model: ModelEntry, entry: DatasetEntry, spec: AttackSpec, n_samples: int | None, seed: int, batch_size: int
+) -> dict:
+    from mmtard.data import subsample_indices
+
+    ds = entry.dataset
+    indices = subsample_indices(len(ds), len(ds) if n_samples is None else n_samples, seed)
+    ids = getattr(ds, "sample_ids", None)
+    return {
+        "row": model.row, "arch": model.arch, "weights": model.weights, "undefended": model.undefended,
+        "dataset": entry.name, "kind": entry.kind, "n_total": len(ds), "n_classes": len(entry.classnames),
+        "seed": seed, "batch_size": batch_size, "attack": spec.describe(),
+        "head": _digest([entry.classnames, entry.templates]),
+        "indices": indices,
+        "sample_ids": [str(ids[i]) for i in indices] if ids is not None else [str(i) for i in indices],
+        "labels": [None] * len(indices), "clean": [None] * len(indices), "robust": {}, "messages": [],
+    }
+
+
+def _open_record(path: Path, fresh: dict) -> dict:
+    """The stored record if it describes the same evaluation, else the fresh one; a stored record
+    of a *different* evaluation is refused rather than silently mixed or overwritten."""
+    if not path.is_file():
+        return fresh
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        log.warning("%s is unreadable; starting it again", path)
+        return fresh
+    for key in ("arch", "weights", "indices", "attack", "head", "seed"):
+        if old.get(key) != fresh[key]:
+            raise ConfigError(
+                f"{path} was written by a different evaluation ({key} differs: stored "
+                f"{str(old.get(key))[:80]!r}, now {str(fresh[key])[:80]!r}). Use another out_dir, or "
+                "delete that file to recompute it."
+            )
+    if old.get("batch_size") != fresh["batch_size"]:
+        # Batches are part of what makes a resumed run exact (AutoAttack draws its random starts
+        # per batch), so the stored batching wins over the one asked for now.
+        log.info("%s: resuming with its stored batch_size %s", path, old.get("batch_size"))
+    return old
+
+
+def _missing_chunks(record: dict, eps_keys: list[str]) -> list[int]:
+    bs, n = record["batch_size"], len(record["indices"])
+    out = []
+    for c, start in enumerate(range(0, n, bs)):
+        sl = slice(start, min(start + bs, n))
+        if any(v is None for v in record["clean"][sl]) or any(
+            any(v is None for v in record["robust"].get(e, [None] * n)[sl]) for e in eps_keys
+        ):
+            out.append(c)
+    return out
+
+
+def _attack_seed(seed: int, dataset: str, chunk: int, eps_key: str) -> int:
+    return zlib.crc32(f"{seed}:{dataset}:{chunk}:{eps_key}".encode()) & 0x7FFFFFFF
+
+
+# ----------------------------------------------------------------------------- the loop
+def _load_classifier(model: ModelEntry, device: str, cache: dict):
+    from mmtard.models import CLIPClassifier, ModelSpec, create_clip, freeze
+
+    if model.row not in cache:
+        cache.clear()  # one model in memory at a time
+        clip = freeze(create_clip(ModelSpec(model.arch, model.weights), device)).float()
+        cache[model.row] = CLIPClassifier(clip, scale=None).to(device)
+    return cache[model.row]
+
+
+def _check_head(entry: DatasetEntry) -> None:
+    ds_names = getattr(entry.dataset, "classnames", None)
+    if ds_names is not None and len(ds_names) != len(entry.classnames):
+        raise DataError(
+            f"dataset {entry.name!r}: the zero-shot head has {len(entry.classnames)} class names but the "
+            f"dataset's labels cover {len(ds_names)} classes"
+        )
+
+
+def _collate(entry: DatasetEntry):
+    def collate(batch):
+        try:
+            return torch.utils.data.default_collate(batch)
+        except RuntimeError as exc:
+            raise DataError(
+                f"dataset {entry.name!r}: images of one batch differ in size ({exc}); build the dataset "
+                "with an image_size so that every image is resized and centre-cropped"
+            ) from exc
+    return collate
+
+
+def _evaluate_one(
+    classifier, model: ModelEntry, entry: DatasetEntry, record: dict, path: Path, eps: dict[str, float],
+    spec: AttackSpec, device: str, num_workers: int, progress: bool, on_batch: BatchHook | None,
+) -> None:
+    """Fill in the missing per-sample verdicts of one (model, dataset), saving after each step."""
+    n, bs = len(record["indices"]), record["batch_size"]
+    for key in eps:
+        record["robust"].setdefault(key, [None] * n)
+    chunks = _missing_chunks(record, list(eps))
+    if not chunks:
+        return
+    batches = [record["indices"][c * bs:(c + 1) * bs] for c in chunks]
+    loader = DataLoader(entry.dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=_collate(entry))
+    n_classes = len(entry.classnames)
+    bar = tqdm(total=n, initial=n - sum(len(b) for b in batches), desc=f"{model.row} {entry.name} {spec.name}",
+               unit="img", disable=not progress, leave=False)
+    for c, (x, y, _) in zip(chunks, loader):
+        if int(y.max()) >= n_classes or int(y.min()) < 0:
+            raise DataError(f"dataset {entry.name!r}: label {int(y.max())} outside the head's {n_classes} classes")
+        sl = slice(c * bs, c * bs + len(y))
+        x, y = x.to(device).float(), y.to(device)
+        with torch.no_grad():
+            correct = classifier(x).argmax(1).eq(y)
+        record["labels"][sl] = y.tolist()
+        record["clean"][sl] = correct.tolist()
+        for key, value in eps.items():
+            if all(v is not None for v in record["robust"][key][sl]):
+                continue
+            robust = torch.zeros_like(correct)
+            if correct.any():
+                attack_seed = _attack_seed(record["seed"], entry.name, c, key)
+                outcome = robust_flags(classifier, x[correct], y[correct], value, spec, attack_seed)
+                robust[correct] = outcome.robust.to(robust.device)
+                _note(record, [f"{model.row}/{entry.name}: {m}" for m in outcome.messages])
+            record["robust"][key][sl] = robust.tolist()
+            write_json_atomic(record, path)
+            if on_batch is not None:
+                on_batch(entry.name, key, c)
+        _note(record, _skipped(entry))
+        write_json_atomic(record, path)
+        bar.update(len(y))
+    bar.close()
+
+
+def _note(record: dict, messages: list[str]) -> None:
+    for m in messages:
+        if m not in record["messages"]:
+            log.warning("%s", m)
+            record["messages"].append(m)
+
+
+def _skipped(entry: DatasetEntry) -> list[str]:
+    pop = getattr(entry.dataset, "pop_skipped", None)
+    if pop is None:
+        return []
+    count, where = pop()
+    if not count:
+        return []
+    return [f"{entry.name}: {count} unreadable files replaced by the next readable one (first: {where[0]})"]
+
+
+def summarize(record: dict) -> dict:
+    """The results.json entry of one (row, dataset) from its per-sample record: every eps whose
+    verdicts are complete (including radii of earlier runs into the same folder)."""
+    clean = [v for v in record["clean"] if v is not None]
+    out = {"n": len(clean), "clean": 100.0 * sum(clean) / max(len(clean), 1), "robust": {},
+           "kind": record["kind"], "n_classes": record["n_classes"], "n_total": record["n_total"]}
+    for key in sorted_eps(record["robust"]):
+        flags = record["robust"][key]
+        if flags and all(v is not None for v in flags):
+            out["robust"][key] = 100.0 * sum(flags) / len(flags)
+    return out
+
+
+def run_eval(
+    models: Sequence[ModelEntry],
+    datasets: Sequence[DatasetEntry],
+    eps_list: Sequence[str | float],
+    attack: AttackSpec | str = "apgd",
+    n_samples: int | None | Mapping[str, int | None] = 1000,
+    batch_size: int = 100,
+    out_dir: str | Path = "eval",
+    seed: int = 0,
+    device: str = "cpu",
+    num_workers: int = 0,
+    progress: bool = True,
+    on_batch: BatchHook | None = None,
+) -> dict:
+    """Evaluate every model on every dataset at every eps; write and return results.json.
+
+    Args:
+        models: rows of the table.
+        datasets: evaluation sets (see :func:`world_datasets`, :func:`imagenet_dataset`,
+            :func:`suite_datasets`).
+        eps_list: radii as ``"2/255"`` strings or numbers in [0, 1].
+        attack: an :class:`AttackSpec` or its name (``apgd``, ``standard``, ``pgd``).
+        n_samples: seeded subsample size per dataset (None: all samples), or a mapping from
+            dataset name to size, where absent names take all samples. The paper's protocol is
+            ``{"imagenet": None}`` (its list already holds the 5 000 images) and 1 000 elsewhere.
+        batch_size: images per attack batch. A resumed (row, dataset) keeps the batch size it
+            was started with, so its numbers match an uninterrupted run exactly.
+        out_dir: where ``samples/``, ``text_cache/`` and ``results.json`` go.
+        seed: seeds the subsample and every attack call.
+        device: torch device.
+        num_workers: DataLoader workers.
+        progress: show tqdm bars.
+        on_batch: called as ``on_batch(dataset, eps_key, chunk)`` after each saved step.
+
+    Returns:
+        The results dict (also written to ``out_dir/results.json``), merged over any results
+        already in ``out_dir`` from earlier runs; this run's rows win.
+    """
+    spec = AttackSpec(name=attack) if isinstance(attack, str) else attack
+    eps = {format_eps(v): v for v in (parse_eps(e) for e in eps_list)}
+    if not eps:
+        raise ConfigError("eval.eps: give at least one radius, e.g. 1/255")
+    if not models or not datasets:
+        raise ConfigError("run_eval needs at least one model and one dataset")
+    sizes = n_samples if isinstance(n_samples, Mapping) else {e.name: n_samples for e in datasets}
+    if batch_size < 1 or any(n is not None and n < 1 for n in sizes.values()):
+        raise ConfigError("eval: batch_size and n_samples must be >= 1")
+    out_dir = Path(out_dir)
+    for entry in datasets:
+        _check_head(entry)
+    rows, cache = {}, {}
+    warnings_seen: list[str] = []
+    for model in models:
+        row = {"arch": model.arch, "weights": model.weights, "undefended": model.undefended,
+               "attack": spec.describe(list(eps.values())), "datasets": {}}
+        for entry in datasets:
+            path = _sample_path(out_dir, model.row, entry.name)
+            record = _open_record(path, _new_record(model, entry, spec, sizes.get(entry.name), seed, batch_size))
+            if _missing_chunks(record, list(eps)):
+                classifier = _load_classifier(model, device, cache)
+                classifier.set_text_weights(_head(classifier, model, entry, out_dir))
+                _evaluate_one(classifier, model, entry, record, path, eps, spec, device, num_workers, progress,
+                              on_batch)
+            row["datasets"][entry.name] = summarize(record)
+            warnings_seen += [m for m in record["messages"] if m not in warnings_seen]
+        row["average"] = zeroshot_average(row["datasets"])
+        rows[model.row] = row
+    return _write_results(out_dir, rows, spec, list(eps.values()), warnings_seen)
+
+
+def _head(classifier, model: ModelEntry, entry: DatasetEntry, out_dir: Path) -> torch.Tensor:
+    from mmtard.zeroshot import text_weights
+
+    cache_dir = out_dir / "text_cache"
+    return text_weights(classifier.clip, model.arch, entry.classnames, entry.templates, cache_dir=cache_dir)
+
+
+def _write_results(out_dir: Path, rows: dict, spec: AttackSpec, eps: list[float], warnings_seen: list[str]) -> dict:
+    path = out_dir / RESULTS_NAME
+    if path.is_file():  # rows and datasets evaluated earlier into the same folder stay; this run's win
+        try:
+            old = load_results(path)
+        except DataError as exc:
+            log.warning("ignoring the unreadable %s: %s", path, exc)
+        else:
+            for row, entry in old["models"].items():
+                if row not in rows:
+                    rows[row] = entry
+                else:
+                    rows[row]["datasets"] = {**entry["datasets"], **rows[row]["datasets"]}
+                    rows[row]["average"] = zeroshot_average(rows[row]["datasets"])
+            warnings_seen = [w for w in old["warnings"] if w not in warnings_seen] + warnings_seen
+    all_eps = {k for r in rows.values() for d in r["datasets"].values() for k in d["robust"]}
+    attack = spec.describe(eps)
+    attack["eps"] = sorted_eps(all_eps | set(attack["eps"]))
+    results = {"schema": SCHEMA_VERSION, "models": rows, "attack": attack, "created": now_iso(),
+               "warnings": list(warnings_seen), "sanity": []}
+    results["sanity"] = sanity_checks(results)
+    for flag in results["sanity"]:
+        log.warning("sanity: %s", flag["message"])
+    write_json_atomic(validate_results(results), path)
+    return results

@@ -1,0 +1,309 @@
+"""Markdown report with figures from results.json files and training run folders.
+
+``run_report`` takes any mix of results folders, results.json files and training run folders
+(those holding ``metrics.csv``, and possibly a results.json of their own) and writes
+``report.md`` beside PNG figures: one accuracy table per eps, accuracy-vs-eps curves, a
+clean-vs-robust scatter of all models, and training curves per run. The sanity checks of
+:func:`mmtard.results.sanity_checks` are logged and written into the report; a failed check is
+flagged, never fatal.
+
+Figures use matplotlib's object API on the Agg canvas, so no global backend is touched.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from pathlib import Path
+from typing import Sequence
+
+from mmtard.errors import DataError
+from mmtard.results import RESULTS_NAME, eps_value, merge_results, now_iso, sanity_checks, sorted_eps
+
+log = logging.getLogger(__name__)
+
+METRICS_NAME = "metrics.csv"
+REPORT_NAME = "report.md"
+
+
+# ----------------------------------------------------------------------------- inputs
+def _classify_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[Path]]:
+    """Split inputs into results files and training run folders (a folder may be both)."""
+    results, runs = [], []
+    for item in inputs:
+        path = Path(item)
+        if path.is_file() and path.suffix == ".json":
+            results.append(path)
+        elif path.is_file() and path.name == METRICS_NAME:
+            runs.append(path.parent)
+        elif path.is_dir():
+            found = False
+            if (path / RESULTS_NAME).is_file():
+                results.append(path / RESULTS_NAME)
+                found = True
+            if (path / METRICS_NAME).is_file():
+                runs.append(path)
+                found = True
+            if not found:
+                raise DataError(f"{path} holds neither {RESULTS_NAME} nor {METRICS_NAME}")
+        else:
+            raise DataError(
+                f"report input {path} does not exist (give results folders, results.json files or run folders)"
+            )
+    return results, runs
+
+
+def read_metrics(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
+    """Numeric columns of a run's metrics.csv as (step, value) series; blank cells skipped."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    with open(run_dir / METRICS_NAME, newline="", encoding="utf-8") as handle:
+        for i, row in enumerate(csv.DictReader(handle)):
+            step = _number(row.get("step"))
+            step = float(i) if step is None else step
+            for key, text in row.items():
+                value = _number(text)
+                if key and key != "step" and value is not None:
+                    series.setdefault(key, []).append((step, value))
+    return series
+
+
+def _number(text) -> float | None:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+# ----------------------------------------------------------------------------- tables
+def _fmt(value) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+def _row_summary(entry: dict) -> dict:
+    """Zero-shot average when the row has zero-shot sets, else the mean over all its sets."""
+    avg = entry.get("average") or {}
+    if avg.get("datasets"):
+        return {"clean": avg.get("clean"), "robust": dict(avg.get("robust", {})), "label": "zero-shot avg"}
+    sets = list(entry["datasets"].values())
+    if not sets:
+        return {"clean": None, "robust": {}, "label": "mean"}
+    common = set.intersection(*(set(d["robust"]) for d in sets))
+    return {
+        "clean": sum(d["clean"] for d in sets) / len(sets),
+        "robust": {e: sum(d["robust"][e] for d in sets) / len(sets) for e in common},
+        "label": "mean",
+    }
+
+
+def _datasets_of(models: dict) -> list[str]:
+    names: list[str] = []
+    for entry in models.values():
+        names += [n for n in entry["datasets"] if n not in names]
+    kind = {n: e["datasets"][n].get("kind", "zeroshot") for e in models.values() for n in e["datasets"]}
+    return sorted(names, key=lambda n: (kind[n] != "classification", n))  # classification sets first
+
+
+def eps_table(models: dict, eps: str) -> str:
+    """Markdown table at one eps: clean and robust per dataset, then the average.
+
+    An average taken over fewer zero-shot sets than other rows have is starred: it is not
+    comparable with theirs.
+    """
+    names = _datasets_of(models)
+    head = ["model"] + [f"{n} {c}" for n in names for c in ("clean", eps)] + ["avg clean", f"avg {eps}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    zeroshot = {n for e in models.values() for n, d in e["datasets"].items() if d.get("kind", "zeroshot") == "zeroshot"}
+    partial = []
+    for row, entry in models.items():
+        cells = [row]
+        for n in names:
+            ds = entry["datasets"].get(n, {})
+            cells += [_fmt(ds.get("clean")), _fmt(ds.get("robust", {}).get(eps))]
+        summary = _row_summary(entry)
+        star = ""
+        if summary["label"] == "zero-shot avg" and set(entry["average"]["datasets"]) != zeroshot:
+            star = "*"
+            partial.append(f"{row}: {', '.join(entry['average']['datasets'])}")
+        cells += [_fmt(summary["clean"]) + star, _fmt(summary["robust"].get(eps)) + star]
+        lines.append("| " + " | ".join(cells) + " |")
+    if partial:
+        lines += ["", "\\* average over fewer zero-shot sets (" + "; ".join(partial) + ")"]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- figures
+def _figure(n_panels: int, width: float = 4.0, height: float = 3.2):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cols = min(n_panels, 3)
+    rows = math.ceil(n_panels / cols)
+    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
+    for ax in axes[n_panels:]:
+        ax.set_visible(False)
+    return fig, axes[:n_panels]
+
+
+def _colors(models: dict) -> dict:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if len(models) <= 10 else "tab20"]
+    return {row: cmap(i % cmap.N) for i, row in enumerate(models)}
+
+
+def plot_accuracy_vs_eps(models: dict, path: Path) -> Path:
+    """One panel per dataset plus the average; one line per model; eps 0 is clean accuracy."""
+    names = _datasets_of(models)
+    colors = _colors(models)
+    fig, axes = _figure(len(names) + 1)
+    for ax, name in zip(axes, names + ["average"]):
+        for row, entry in models.items():
+            point = _row_summary(entry) if name == "average" else entry["datasets"].get(name)
+            if not point or point.get("clean") is None:
+                continue
+            keys = sorted_eps(point["robust"])
+            xs = [0.0] + [eps_value(k) * 255 for k in keys]
+            ax.plot(xs, [point["clean"]] + [point["robust"][k] for k in keys], marker="o", label=row, color=colors[row])
+        ax.set_title(name)
+        ax.set_xlabel("eps (x/255)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+    _legend(fig, colors)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def _legend(fig, colors: dict) -> None:
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=c, marker="o", label=row) for row, c in colors.items()]
+    fig.legend(handles=handles, loc="outside right upper", fontsize="small")
+
+
+def plot_clean_vs_robust(models: dict, path: Path) -> Path:
+    """Average clean vs average robust accuracy of every model, one panel per eps."""
+    eps = sorted_eps(k for e in models.values() for k in _row_summary(e)["robust"])
+    colors = _colors(models)
+    fig, axes = _figure(max(len(eps), 1), width=4.2, height=4.0)
+    for ax, key in zip(axes, eps or [None]):
+        for row, entry in models.items():
+            summary = _row_summary(entry)
+            if key is None or summary["clean"] is None or key not in summary["robust"]:
+                continue
+            ax.scatter([summary["clean"]], [summary["robust"][key]], color=colors[row])
+            ax.annotate(row, (summary["clean"], summary["robust"][key]), fontsize="small",
+                        xytext=(3, 3), textcoords="offset points")
+        ax.plot([0, 100], [0, 100], color="grey", linewidth=0.8, linestyle="--")
+        ax.set_xlim(0, 100)
+        ax.set_ylim(0, 100)
+        ax.set_xlabel("clean accuracy (%)")
+        ax.set_ylabel(f"robust accuracy at {key} (%)" if key else "robust accuracy (%)")
+        ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def plot_training(series: dict[str, list[tuple[float, float]]], title: str, path: Path) -> Path:
+    """Loss terms, accuracies and learning rate of one training run against the step."""
+    groups = {
+        "loss": sorted(k for k in series if k == "loss" or k.startswith("loss_")),
+        "accuracy": sorted(k for k in series if "acc" in k),
+        "learning rate": [k for k in ("lr",) if k in series],
+    }
+    groups = {name: keys for name, keys in groups.items() if keys}
+    if not groups:
+        raise DataError(f"{title}: metrics.csv has no loss, accuracy or lr column")
+    fig, axes = _figure(len(groups))
+    for ax, (name, keys) in zip(axes, groups.items()):
+        for key in keys:
+            steps, values = zip(*series[key])
+            ax.plot(steps, values, label=key)
+        ax.set_title(f"{title}: {name}")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.savefig(path, dpi=100)
+    return path
+
+
+# ----------------------------------------------------------------------------- the report
+def _safe_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+def _results_section(results: dict, out_dir: Path) -> list[str]:
+    models = results["models"]
+    attack = results.get("attack", {})
+    lines = ["## Accuracy (%)", "",
+             f"Attack: {attack.get('name', '?')} ({', '.join(attack.get('attacks', []))}), "
+             f"{attack.get('iterations', '?')} iterations, norm {attack.get('norm', '?')}, "
+             f"version {attack.get('version', '?')}; n per dataset in results.json.", ""]
+    all_eps = sorted_eps(k for e in models.values() for d in e["datasets"].values() for k in d["robust"])
+    for key in all_eps:
+        lines += [f"### eps = {key}", "", eps_table(models, key), ""]
+    if not all_eps:
+        lines += ["(no robust accuracy in the inputs)", ""]
+    curves = plot_accuracy_vs_eps(models, out_dir / "accuracy_vs_eps.png")
+    scatter = plot_clean_vs_robust(models, out_dir / "clean_vs_robust.png")
+    lines += ["## Figures", "", f"![accuracy vs eps]({curves.name})", "", f"![clean vs robust]({scatter.name})", ""]
+    return lines
+
+
+def _sanity_section(results: dict | None, notes: list[str]) -> list[str]:
+    lines = ["## Sanity checks", ""]
+    flags = sanity_checks(results) if results else []
+    for flag in flags:
+        log.warning("sanity: %s", flag["message"])
+    if results is None:
+        lines.append("(no results given)")
+    elif not flags:
+        lines.append(
+            "All passed: robust <= clean, robust non-increasing in eps, undefended models near zero at the largest eps."
+        )
+    else:
+        lines += [f"- **{f['check']}**: {f['message']}" for f in flags]
+    warnings = (results or {}).get("warnings", []) + notes
+    if warnings:
+        lines += ["", "### Warnings (evaluation, AutoAttack checks, inputs)", ""] + [f"- {w}" for w in warnings]
+    return lines + [""]
+
+
+def run_report(inputs: Sequence[str | Path], out_dir: str | Path) -> Path:
+    """Write ``out_dir/report.md`` and its figures; return the report's path.
+
+    Args:
+        inputs: results folders, results.json files and/or training run folders (metrics.csv).
+        out_dir: where the report and PNGs go (created).
+    """
+    if not inputs:
+        raise DataError("run_report needs at least one input (results folder/file or run folder)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result_files, runs = _classify_inputs(inputs)
+    results = merge_results(result_files) if result_files else None
+    lines = ["# mmtard report", "", f"Created {now_iso()} from: " + ", ".join(str(Path(p)) for p in inputs), ""]
+    if results is not None:
+        lines += _results_section(results, out_dir)
+    notes: list[str] = []
+    if runs:
+        lines += ["## Training", ""]
+        for run in runs:
+            name = _safe_name(run.resolve().name)
+            try:
+                figure = plot_training(read_metrics(run), run.name, out_dir / f"training_{name}.png")
+            except DataError as exc:
+                notes.append(str(exc))
+                continue
+            lines += [f"### {run.name}", "", f"![training {run.name}]({figure.name})", ""]
+    lines += _sanity_section(results, notes)
+    path = out_dir / REPORT_NAME
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    tmp.replace(path)
+    log.info("report written to %s", path)
+    return path

@@ -1,0 +1,186 @@
+"""The training loop and every method, on tiny models and the offline world."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmtard.cli import main
+from mmtard.config import load_config
+from mmtard.trainer import Trainer
+
+TEACHERS = ("teachers=[{name: mmtard-small-vit, role: clean}, {name: mmtard-small-vit, role: robust}]")
+
+
+def tiny_overrides(world_dir, method="mmt_ard", steps=2, **extra):
+    items = {
+        "data.root": str(world_dir), "method.name": method, "train.steps": steps, "train.global_batch": 8,
+        "train.micro_batch": 4, "train.log_every": 1, "train.ckpt_every": 1, "attack.steps": 2,
+        "train.lr": 1e-3, "train.warmup_frac": 0.0,
+    }
+    items.update(extra)
+    return [TEACHERS] + [f"{k}={v}" for k, v in items.items()]
+
+
+@pytest.mark.parametrize("method", ["mmt_ard", "ard", "mtard", "tecoa", "fare", "pmg_aft", "clean_ft"])
+def test_every_method_runs_two_steps_through_the_cli(world_dir, tmp_path, method):
+    command = "train-teacher" if method in ("tecoa", "fare", "pmg_aft", "clean_ft") else "distill"
+    config = tmp_path / "c.yaml"
+    config.write_text("student: {name: mmtard-tiny-vit}\n")
+    out = tmp_path / "run"
+    assert main(["-q", command, "--config", str(config), "--out", str(out), *tiny_overrides(world_dir, method)]) == 0
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(float(r["loss"]))) for r in rows)
+    assert (out / "config.yaml").exists() and (out / "student.safetensors").exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000001.pt", "step_00000002.pt"]
+
+
+def test_paper_recipe_logs_every_term(world_dir, tmp_path):
+    trainer = Trainer(load_config(None, tiny_overrides(world_dir)), tmp_path / "run", show_progress=False)
+    trainer.train()
+    header = next(csv.reader(open(tmp_path / "run" / "metrics.csv")))
+    for column in ("loss", "loss_robust", "loss_clean", "conf_robust", "conf_clean", "balance", "lr",
+                   "images_per_s", "train_acc_clean", "train_acc_adv"):
+        assert column in header
+
+
+def test_finished_run_is_not_overwritten_without_force(world_dir, tmp_path):
+    args = ["-q", "distill", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run"),
+            *tiny_overrides(world_dir, steps=1)]
+    (tmp_path / "c.yaml").write_text("{}\n")
+    assert main(args) == 0
+    assert main(args) == 2
+    assert main(args[:-1] + ["--force", args[-1]]) == 0
+
+
+def test_teachers_get_no_gradient_and_stay_in_eval(world_dir, tmp_path):
+    trainer = Trainer(load_config(None, tiny_overrides(world_dir, steps=1)), tmp_path / "run", show_progress=False)
+    trainer.method.train()
+    assert trainer.student.training
+    for teacher in trainer.method.teachers:
+        assert not teacher.training
+        assert not any(p.requires_grad for p in teacher.parameters())
+    before = [p.clone() for t in trainer.method.teachers for p in t.parameters()]
+    trainer.train()
+    after = [p for t in trainer.method.teachers for p in t.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert all(p.grad is None for t in trainer.method.teachers for p in t.parameters())
+    # only the image tower of the student changed
+    exported = load_file(str(tmp_path / "run" / "student.safetensors"))
+    initial = trainer.method.teachers[0]  # unrelated model; compare student text tower to a fresh build instead
+    del initial
+    fresh = Trainer(load_config(None, tiny_overrides(world_dir, steps=1)), tmp_path / "fresh", show_progress=False)
+    fresh_state = fresh.student.clip.state_dict()
+    changed = {k for k, v in exported.items() if not torch.equal(v, fresh_state[k])}
+    assert changed and all(k.startswith("visual.") for k in changed)
+
+
+def test_lora_student_trains_adapters_only(world_dir, tmp_path):
+    trainer = Trainer(load_config(None, tiny_overrides(world_dir, steps=2, **{"train.lora": "true"})),
+                      tmp_path / "run", show_progress=False)
+    base = {k: v.clone() for k, v in trainer.student.clip.visual.state_dict().items() if "lora_" not in k}
+    trainer.train()
+    now = trainer.student.clip.visual.state_dict()
+    # peft's LoRA for nn.MultiheadAttention merges the adapters into the base weights for each
+    # forward and subtracts them again, so the frozen base moves by float rounding only (~1e-8),
+    # never by an optimiser step (which would be ~lr = 1e-3 here).
+    assert max((now[k] - v).abs().max().item() for k, v in base.items()) < 1e-6
+    lora_b = [v for k, v in now.items() if "lora_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b)
+    exported = load_file(str(tmp_path / "run" / "student.safetensors"))
+    assert not any("lora" in k for k in exported)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_continues_the_same_trajectory(world_dir, tmp_path, monkeypatch):
+    overrides = tiny_overrides(world_dir, steps=4)
+    straight = Trainer(load_config(None, overrides), tmp_path / "a", show_progress=False)
+    straight.train()
+
+    original = Trainer._save_checkpoint
+
+    def save_then_stop(self):
+        original(self)
+        if self.step == 2:
+            raise _Stop
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_stop)
+    with pytest.raises(_Stop):
+        Trainer(load_config(None, overrides), tmp_path / "b", show_progress=False).train()
+    monkeypatch.setattr(Trainer, "_save_checkpoint", original)
+    resumed = Trainer(load_config(None, overrides), tmp_path / "b", show_progress=False)
+    assert resumed.resume_from is not None
+    resumed.train()
+    a = load_file(str(tmp_path / "a" / "student.safetensors"))
+    b = load_file(str(tmp_path / "b" / "student.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows_a = list(csv.DictReader(open(tmp_path / "a" / "metrics.csv")))
+    rows_b = list(csv.DictReader(open(tmp_path / "b" / "metrics.csv")))
+    assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]
+
+
+def test_clean_teacher_cache_gives_the_same_loss(world_dir, tmp_path):
+    def loss_of(cache: bool, folder):
+        overrides = tiny_overrides(world_dir, steps=1, **{"train.clean_teacher_cache": str(cache).lower()})
+        trainer = Trainer(load_config(None, overrides), folder, show_progress=False)
+        images, labels, indices = next(iter(torch.utils.data.DataLoader(trainer.dataset, batch_size=6)))
+        results = []
+        for _ in range(2):  # with the cache, the second pass reads the teacher embeddings from disk
+            torch.manual_seed(1)
+            results.append(trainer.method(images, labels, indices)["loss"].detach())
+        return results, trainer.method.clean_cache
+
+    with_cache, cache = loss_of(True, tmp_path / "a")
+    without_cache, no_cache = loss_of(False, tmp_path / "b")
+    assert no_cache is None and cache.hits == 6 and cache.misses == 6
+    for a, b in zip(with_cache, without_cache):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_nan_loss_stops_with_step_and_term(world_dir, tmp_path, monkeypatch):
+    from mmtard import losses
+    from mmtard.trainer import DivergenceError
+
+    calls = {"n": 0}
+    real = losses.mmt_ard_paper_loss
+
+    def poisoned(*args, **kwargs):
+        loss, terms = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] > 4:  # steps 1-2 are fine (2 micro-batches each), step 3 diverges
+            terms["loss_robust"] = terms["loss_robust"] * float("nan")
+            loss = loss * float("nan")
+        return loss, terms
+
+    monkeypatch.setattr(losses, "mmt_ard_paper_loss", poisoned)
+    trainer = Trainer(load_config(None, tiny_overrides(world_dir, steps=5)), tmp_path / "run", show_progress=False)
+    with pytest.raises(DivergenceError, match=r"step 3.*loss_robust"):
+        trainer.train()
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())[-1] == "step_00000002.pt"
+
+
+def test_global_batch_not_divisible_by_world_size():
+    from mmtard.errors import ConfigError
+    from mmtard.trainer import BatchPlan
+
+    with pytest.raises(ConfigError, match="nearest valid values: 8 or 12"):
+        BatchPlan.from_config(10, None, 4)
+    plan = BatchPlan.from_config(512, 64, 8)
+    assert (plan.micro_batch, plan.accumulation) == (64, 1)
+    assert BatchPlan.from_config(512, 16, 8).accumulation == 4
+
+
+@pytest.mark.slow
+def test_mmt_ard_loss_falls_over_50_steps(world_dir, tmp_path):
+    overrides = tiny_overrides(world_dir, steps=50, **{"train.log_every": 10, "train.ckpt_every": 50,
+                                                      "train.micro_batch": 8})
+    Trainer(load_config(None, overrides), tmp_path / "run", show_progress=False).train()
+    losses_logged = [float(r["loss"]) for r in csv.DictReader(open(tmp_path / "run" / "metrics.csv"))]
+    assert losses_logged[-1] < 0.7 * losses_logged[0]
