@@ -13,6 +13,13 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models gain nothing from threads, and oversubscribed OpenMP threads on a busy 2-core
+    machine make each step ten times slower."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def world_dir(tmp_path_factory):
     from mmtard.world import generate_world

@@ -101,11 +101,72 @@ def _cmd_world(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from mmtard.evaluate import eval_from_cli
+_ATTACKS = {"apgd-ce,apgd-t": "apgd", "apgd": "apgd", "standard": "standard", "pgd": "pgd"}
 
-    path = eval_from_cli(args)
-    print(f"results written to {path}")
+
+def _eval_models(args: argparse.Namespace) -> list:
+    """--model/--pretrained/--name triplets and --run folders -> table rows."""
+    import yaml
+
+    from mmtard.evaluate import ModelEntry
+
+    if len(args.pretrained) not in (0, len(args.model)) or len(args.name) not in (0, len(args.model)):
+        raise ConfigError("give one --pretrained (and optionally one --name) per --model")
+    models = []
+    for i, arch in enumerate(args.model):
+        weights = args.pretrained[i] if args.pretrained else None
+        name = args.name[i] if args.name else (Path(weights).stem if weights else arch)
+        models.append(ModelEntry(name, arch, weights, undefended=name == "undefended"))
+    for run in map(Path, args.run):
+        config, weights = run / "config.yaml", run / "student.safetensors"
+        if not (config.is_file() and weights.is_file()):
+            raise ConfigError(f"--run {run}: expected a finished run folder with config.yaml and student.safetensors")
+        arch = yaml.safe_load(config.read_text())["student"]["name"]
+        models.append(ModelEntry(run.name, arch, str(weights)))
+    if not models:
+        raise ConfigError("mmtard eval: give at least one --model or --run")
+    return models
+
+
+def _eval_datasets(specs: list[str]) -> list:
+    """NAME=ROOT arguments -> evaluation sets (imagenet, world, world-<set>, a zero-shot suite name)."""
+    from mmtard.data import ZEROSHOT_SUITE
+    from mmtard.evaluate import imagenet_dataset, suite_datasets, world_datasets
+
+    datasets = []
+    for spec in specs:
+        name, sep, root = spec.partition("=")
+        if not sep or not root:
+            raise ConfigError(f"--dataset '{spec}': expected NAME=ROOT, e.g. imagenet=/data/imagenet or world=DIR")
+        if name == "imagenet":
+            datasets.append(imagenet_dataset(root))
+        elif name == "world":
+            datasets.extend(world_datasets(root))
+        elif name.startswith("world-"):
+            datasets.extend(world_datasets(root, sets=[name]))
+        elif name in ZEROSHOT_SUITE:
+            datasets.extend(suite_datasets([name], root))
+        else:
+            raise ConfigError(f"--dataset '{name}' is not one of imagenet, world, world-<set>, "
+                              f"{', '.join(ZEROSHOT_SUITE)}")
+    return datasets
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from mmtard.autoattack import AttackSpec
+    from mmtard.evaluate import run_eval
+    from mmtard.factory import resolve_device
+    from mmtard.report import run_report
+
+    attack = _ATTACKS.get(args.attack.replace(" ", "").lower())
+    if attack is None:
+        raise ConfigError(f"--attack '{args.attack}' is not one of apgd-ce,apgd-t | standard | pgd")
+    run_eval(_eval_models(args), _eval_datasets(args.dataset), args.eps.split(","),
+             attack=AttackSpec(name=attack, iterations=args.iterations), n_samples=args.n_samples,
+             batch_size=args.batch_size, out_dir=args.out, seed=args.seed,
+             device=str(resolve_device(args.device)), progress=not args.quiet)
+    report = run_report([Path(args.out)], Path(args.out))
+    print(f"results written to {Path(args.out) / 'results.json'}; report: {report}")
     return 0
 
 

@@ -148,8 +148,8 @@ def suite_datasets(names: Sequence[str], root: str | Path, image_size: int | Non
         classnames = suite_classnames(name) or list(ds.classnames)
         try:
             templates = suite_templates(name)
-        except DataError:
-            templates = list(ds.templates)
+        except DataError:  # clip-benchmark's own fallback, with its "{c}" slot in our "{}" form
+            templates = [t.replace("{c}", "{}") for t in ds.templates]
         out.append(DatasetEntry(name, ds, classnames, templates))
     return out
 
@@ -157,6 +157,15 @@ def suite_datasets(names: Sequence[str], root: str | Path, image_size: int | Non
 # ----------------------------------------------------------------------------- per-sample store
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def _file_stamp(weights: str | None) -> dict | None:
+    """Size and modification time of a local weights file: a checkpoint rewritten in place must
+    not be mistaken for the one already evaluated."""
+    if not weights or not Path(weights).is_file():
+        return None
+    stat = Path(weights).stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def _sample_path(out_dir: Path, row: str, dataset: str) -> Path:
@@ -173,6 +182,7 @@ def _new_record(
     ids = getattr(ds, "sample_ids", None)
     return {
         "row": model.row, "arch": model.arch, "weights": model.weights, "undefended": model.undefended,
+        "weights_file": _file_stamp(model.weights),
         "dataset": entry.name, "kind": entry.kind, "n_total": len(ds), "n_classes": len(entry.classnames),
         "seed": seed, "batch_size": batch_size, "attack": spec.describe(),
         "head": _digest([entry.classnames, entry.templates]),
@@ -192,7 +202,7 @@ def _open_record(path: Path, fresh: dict) -> dict:
     except json.JSONDecodeError:
         log.warning("%s is unreadable; starting it again", path)
         return fresh
-    for key in ("arch", "weights", "indices", "attack", "head", "seed"):
+    for key in ("arch", "weights", "weights_file", "indices", "attack", "head", "seed"):
         if old.get(key) != fresh[key]:
             raise ConfigError(
                 f"{path} was written by a different evaluation ({key} differs: stored "
@@ -275,8 +285,12 @@ def _evaluate_one(
             raise DataError(f"dataset {entry.name!r}: label {int(y.max())} outside the head's {n_classes} classes")
         sl = slice(c * bs, c * bs + len(y))
         x, y = x.to(device).float(), y.to(device)
-        with torch.no_grad():
-            correct = classifier(x).argmax(1).eq(y)
+        stored = record["clean"][sl]
+        if all(v is not None for v in stored):  # keep the verdicts the stored attacks were run on
+            correct = torch.tensor(stored, dtype=torch.bool, device=y.device)
+        else:
+            with torch.no_grad():
+                correct = classifier(x).argmax(1).eq(y)
         record["labels"][sl] = y.tolist()
         record["clean"][sl] = correct.tolist()
         for key, value in eps.items():

@@ -160,7 +160,7 @@ def create_clip(spec: ModelSpec, device: str | torch.device = "cpu") -> nn.Modul
     offline, a tag that is not in the local cache fails at once with advice to pass a file.
     """
     register_tiny_models()
-    name, pretrained = spec.name, spec.pretrained or None
+    name, pretrained = spec.name, (str(spec.pretrained) if spec.pretrained else None)
     _check_model_name(name)
     if pretrained and _is_weight_file(pretrained):
         model = open_clip.create_model(name, pretrained=None, device="cpu")

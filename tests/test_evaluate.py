@@ -1,0 +1,320 @@
+"""Evaluation: AutoAttack wrapper, run_eval, results.json schema, merging, resume, bad inputs.
+
+Tiny registered models on CPU. One model is trained for a few dozen steps on a generated set whose
+classes differ by a faint fixed pattern per class (clearly learnable, yet within reach of an 8/255
+attack), so "an undefended model loses nearly all accuracy" is checked on a model that has
+accuracy to lose.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from mmtard.autoattack import AttackSpec, robust_flags
+from mmtard.errors import ConfigError, DataError
+from mmtard.evaluate import (
+    DatasetEntry,
+    ModelEntry,
+    imagenet_dataset,
+    run_eval,
+    suite_datasets,
+    world_datasets,
+)
+from mmtard.models import CLIPClassifier, ModelSpec, create_clip, export_open_clip, train_only_image_tower
+from mmtard.results import merge_results, sanity_checks, validate_results
+from mmtard.zeroshot import text_weights
+
+TINY = "mmtard-tiny-vit"
+CLASSES = ["alpha", "beta", "gamma", "delta"]
+TEMPLATES = ["a photo of a {}."]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models are dominated by threading overhead; on a shared 2-core machine one thread is
+    # an order of magnitude faster.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class PatternSet(Dataset):
+    """Grey noise images; class k adds a faint fixed +-amplitude pattern. (image, label, i)."""
+
+    def __init__(self, n: int, seed: int, amplitude: float = 0.04, size: int = 32):
+        bits = torch.randint(0, 2, (len(CLASSES), 3, size, size), generator=torch.Generator().manual_seed(1))
+        patterns = bits * 2.0 - 1
+        g = torch.Generator().manual_seed(seed)
+        self.labels = torch.arange(n) % len(CLASSES)
+        noise = 0.08 * torch.randn(n, 3, size, size, generator=g)
+        self.images = (0.5 + amplitude * patterns[self.labels] + noise).clamp(0, 1)
+        self.classnames = list(CLASSES)
+        self.sample_ids = [f"pattern/{i:04d}" for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.images[i], int(self.labels[i]), i
+
+
+def _entry(n: int = 64, seed: int = 3, name: str = "patterns") -> DatasetEntry:
+    return DatasetEntry(name, PatternSet(n, seed), list(CLASSES), list(TEMPLATES))
+
+
+@pytest.fixture(scope="module")
+def trained_weights(tmp_path_factory):
+    """A tiny CLIP whose image tower learnt PatternSet with plain CE: accurate and not robust."""
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    clip = create_clip(ModelSpec(TINY))
+    model = CLIPClassifier(clip, text_weights(clip, TINY, CLASSES, TEMPLATES))
+    train_only_image_tower(clip)
+    data = PatternSet(256, seed=2)
+    optimizer = torch.optim.AdamW(clip.visual.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    clip.train()
+    for _ in range(60):
+        idx = torch.randint(0, len(data), (32,), generator=g)
+        loss = F.cross_entropy(model(data.images[idx]), data.labels[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    clip.eval()
+    return str(export_open_clip(clip, tmp_path_factory.mktemp("weights") / "undefended.safetensors"))
+
+
+def _row(weights, row="undefended"):
+    return ModelEntry(row, TINY, weights, undefended=True)
+
+
+# ----------------------------------------------------------------------------- the attack
+def test_undefended_model_loses_nearly_all_accuracy_at_8_255(trained_weights, tmp_path):
+    results = run_eval([_row(trained_weights)], [_entry()], ["8/255"], AttackSpec(iterations=10),
+                       n_samples=64, batch_size=64, out_dir=tmp_path, progress=False)
+    ds = results["models"]["undefended"]["datasets"]["patterns"]
+    assert ds["n"] == 64
+    assert ds["clean"] >= 75.0, "the trained model should be well above the 25% chance level"
+    assert ds["robust"]["8/255"] <= 5.0
+    assert results["sanity"] == []
+    # K = 4 < 10: APGD-T runs with K - 1 = 3 target classes, and says so.
+    assert any("3 target classes" in w for w in results["warnings"])
+
+
+def test_autoattack_checks_are_captured():
+    """A model that returns probabilities trips AutoAttack's own check; its text must come back."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5), nn.Softmax(dim=1))
+    x, y = torch.rand(6, 3, 8, 8), torch.randint(0, 5, (6,))
+    outcome = robust_flags(net, x, y, 2 / 255, AttackSpec(iterations=2), seed=0)
+    assert outcome.robust.dtype == torch.bool and outcome.robust.shape == (6,)
+    assert any("probability distribution" in m for m in outcome.messages)
+    assert ((outcome.x_adv - x).abs().max() <= 2 / 255 + 1e-6)
+
+
+def test_robust_flags_are_worst_case_and_only_on_correct_points():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5))
+    x, y = torch.rand(8, 3, 8, 8), torch.randint(0, 5, (8,))
+    with torch.no_grad():
+        correct = net(x).argmax(1).eq(y)
+    for spec in (AttackSpec(iterations=3), AttackSpec(name="pgd", iterations=3)):
+        flags = robust_flags(net, x, y, 8 / 255, spec, seed=1).robust
+        assert not (flags & ~correct).any(), "a misclassified point can never be robust"
+
+
+def test_l2_attack_stays_in_its_ball():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    x = torch.rand(8, 3, 8, 8)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    outcome = robust_flags(net, x, y, 0.05, AttackSpec(norm="l2", iterations=5), seed=0)
+    assert (outcome.x_adv - x).flatten(1).norm(dim=1).max() <= 0.05 + 1e-5
+    assert outcome.messages == []
+
+
+@pytest.mark.slow
+def test_standard_autoattack_on_request():
+    """Full standard AutoAttack (with FAB-T and 5000-query Square): several seconds even here."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    x = torch.rand(8, 3, 8, 8)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    spec = AttackSpec(name="standard", iterations=5)
+    assert spec.describe()["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    outcome = robust_flags(net, x, y, 1 / 255, spec, seed=0)
+    assert outcome.robust.shape == (8,) and (outcome.x_adv - x).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_attack_spec_refuses_unknown_values():
+    with pytest.raises(ConfigError, match="apgd"):
+        AttackSpec(name="fgsm")
+    with pytest.raises(ConfigError, match="linf"):
+        AttackSpec(norm="l1")
+
+
+# ----------------------------------------------------------------------------- run_eval + results.json
+def test_results_json_on_world_validates(world_dir, tmp_path):
+    datasets = world_datasets(world_dir, sets=["world", "world-shapes", "world-colors"])
+    assert [d.kind for d in datasets] == ["classification", "zeroshot", "zeroshot"]
+    results = run_eval([ModelEntry("random", TINY)], datasets, ["1/255", "2/255"], AttackSpec(name="pgd", iterations=2),
+                       n_samples={"world": 8, "world-shapes": 8}, batch_size=4, out_dir=tmp_path, progress=False)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    validate_results(on_disk)
+    assert on_disk["models"] == results["models"]
+    row = on_disk["models"]["random"]
+    assert set(row["datasets"]) == {"world", "world-shapes", "world-colors"}
+    assert row["datasets"]["world-colors"]["n"] == 24  # absent from the n_samples mapping: all of it
+    assert row["datasets"]["world"]["n"] == 8 and set(row["datasets"]["world"]["robust"]) == {"1/255", "2/255"}
+    # the zero-shot average leaves the classification split out
+    assert row["average"]["datasets"] == ["world-colors", "world-shapes"]
+    shapes, colors = row["datasets"]["world-shapes"], row["datasets"]["world-colors"]
+    assert math.isclose(row["average"]["clean"], (shapes["clean"] + colors["clean"]) / 2)
+    assert on_disk["attack"]["eps"] == ["1/255", "2/255"] and on_disk["attack"]["name"] == "pgd"
+    samples = json.loads((tmp_path / "samples" / "random" / "world.json").read_text())
+    assert len(samples["sample_ids"]) == 8 and samples["sample_ids"][0].endswith(".png")
+
+
+def test_resume_after_interruption_gives_identical_numbers(trained_weights, tmp_path):
+    args = dict(eps_list=["1/255", "2/255"], attack=AttackSpec(iterations=4), n_samples=24, batch_size=8,
+                seed=5, progress=False)
+    full = run_eval([_row(trained_weights)], [_entry(40)], out_dir=tmp_path / "full", **args)
+
+    calls = []
+
+    def crash_after_three(dataset, eps, chunk):
+        calls.append((dataset, eps, chunk))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_eval([_row(trained_weights)], [_entry(40)], out_dir=tmp_path / "cut", on_batch=crash_after_three, **args)
+    resumed_calls = []
+    # asked with another batch size, the resumed record keeps the batching it was started with
+    resumed = run_eval([_row(trained_weights)], [_entry(40)], out_dir=tmp_path / "cut",
+                       on_batch=lambda *a: resumed_calls.append(a), **{**args, "batch_size": 5})
+    assert len(resumed_calls) == 3 * 2 - 3, "only the missing (batch, eps) steps are recomputed"
+    assert resumed["models"] == full["models"]
+    a = json.loads((tmp_path / "full" / "samples" / "undefended" / "patterns.json").read_text())
+    b = json.loads((tmp_path / "cut" / "samples" / "undefended" / "patterns.json").read_text())
+    assert a["robust"] == b["robust"] and a["clean"] == b["clean"] and a["sample_ids"] == b["sample_ids"]
+    # a finished evaluation reruns nothing
+    again = []
+    run_eval([_row(trained_weights)], [_entry(40)], out_dir=tmp_path / "cut", on_batch=lambda *a: again.append(a),
+             **args)
+    assert again == []
+
+
+def test_other_evaluation_in_same_folder_is_refused(tmp_path):
+    entry = _entry(8)
+    run_eval([ModelEntry("m", TINY)], [entry], ["1/255"], AttackSpec(name="pgd", iterations=1), n_samples=4,
+             batch_size=4, out_dir=tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="different evaluation"):
+        run_eval([ModelEntry("m", TINY)], [entry], ["1/255"], AttackSpec(name="pgd", iterations=2), n_samples=4,
+                 batch_size=4, out_dir=tmp_path, progress=False)
+
+
+def test_rewritten_weights_file_is_not_mistaken_for_the_evaluated_one(tmp_path):
+    weights = export_open_clip(create_clip(ModelSpec(TINY)), tmp_path / "w.safetensors")
+    kwargs = dict(n_samples=4, batch_size=4, out_dir=tmp_path / "eval", progress=False)
+    spec = AttackSpec(name="pgd", iterations=1)
+    run_eval([ModelEntry("m", TINY, str(weights))], [_entry(8)], ["1/255"], spec, **kwargs)
+    export_open_clip(create_clip(ModelSpec(TINY)), weights)  # a new checkpoint at the same path
+    with pytest.raises(ConfigError, match="weights_file"):
+        run_eval([ModelEntry("m", TINY, str(weights))], [_entry(8)], ["1/255"], spec, **kwargs)
+
+
+def test_second_model_into_same_folder_keeps_first_row(tmp_path):
+    spec = AttackSpec(name="pgd", iterations=1)
+    kwargs = dict(n_samples=4, batch_size=4, out_dir=tmp_path, progress=False)
+    run_eval([ModelEntry("a", TINY)], [_entry(8)], ["1/255"], spec, **kwargs)
+    out = run_eval([ModelEntry("b", TINY)], [_entry(8)], ["1/255"], spec, **kwargs)
+    assert set(out["models"]) == {"a", "b"}
+    validate_results(json.loads((tmp_path / "results.json").read_text()))
+
+
+# ----------------------------------------------------------------------------- merge / validate / sanity
+def _results(rows: dict, eps=("1/255",)) -> dict:
+    models = {}
+    for row, datasets in rows.items():
+        ds = {name: {"n": 10, "clean": c, "robust": dict(zip(eps, r)), "kind": "zeroshot"}
+              for name, (c, r) in datasets.items()}
+        models[row] = {"arch": TINY, "weights": None, "datasets": ds,
+                       "average": {"datasets": sorted(ds), "clean": 0.0, "robust": {}}}
+    return {"models": models, "attack": {"name": "apgd", "iterations": 100, "norm": "linf", "eps": list(eps)},
+            "created": "2025-01-01T00:00:00+00:00", "warnings": [], "sanity": []}
+
+
+def test_merge_two_results_files_later_wins(tmp_path):
+    first = _results({"a": {"x": (50.0, [20.0])}, "b": {"x": (40.0, [10.0])}})
+    second = _results({"b": {"x": (45.0, [15.0]), "y": (30.0, [5.0])}, "c": {"x": (60.0, [1.0])}})
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "results.json").write_text(json.dumps(first))
+    (tmp_path / "two.json").write_text(json.dumps(second))
+    merged = merge_results([tmp_path / "one", tmp_path / "two.json"])
+    validate_results(merged)
+    assert set(merged["models"]) == {"a", "b", "c"}
+    assert merged["models"]["b"]["datasets"]["x"]["clean"] == 45.0  # the later file wins
+    assert set(merged["models"]["b"]["datasets"]) == {"x", "y"}
+    assert merged["models"]["b"]["average"]["clean"] == pytest.approx(37.5)  # recomputed
+    assert any("b/x appears twice" in w for w in merged["warnings"])
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda r: r.pop("attack"), "attack"),
+        (lambda r: r["models"]["a"]["datasets"]["x"].update(clean=120.0), "percentage"),
+        (lambda r: r["models"]["a"]["datasets"]["x"]["robust"].update({"two": 3.0}), "eps key"),
+        (lambda r: r["models"]["a"]["datasets"]["x"].update(n=2.5), "integer"),
+        (lambda r: r.update(created="yesterday"), "ISO"),
+    ],
+)
+def test_validate_results_names_the_problem(mutate, match):
+    obj = _results({"a": {"x": (50.0, [20.0])}})
+    validate_results(obj)
+    mutate(obj)
+    with pytest.raises(DataError, match=match):
+        validate_results(obj)
+
+
+def test_sanity_checks_flag_but_do_not_raise():
+    obj = _results({"undefended": {"x": (50.0, [60.0, 30.0])}}, eps=("1/255", "4/255"))
+    obj["models"]["undefended"]["datasets"]["y"] = {"n": 10, "clean": 50.0, "robust": {"1/255": 10.0, "4/255": 20.0}}
+    checks = {f["check"] for f in sanity_checks(obj)}
+    assert checks == {"robust<=clean", "monotone-eps", "undefended-near-zero"}
+
+
+# ----------------------------------------------------------------------------- bad inputs
+def test_eps_in_255_units_is_refused_with_hint(tmp_path):
+    with pytest.raises(ConfigError, match="2/255"):
+        run_eval([ModelEntry("m", TINY)], [_entry(8)], ["2"], "pgd", out_dir=tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="cannot read"):
+        run_eval([ModelEntry("m", TINY)], [_entry(8)], ["two"], "pgd", out_dir=tmp_path, progress=False)
+
+
+def test_class_count_mismatch_is_a_data_error(tmp_path):
+    entry = DatasetEntry("patterns", PatternSet(8, 0), CLASSES[:3], TEMPLATES)
+    with pytest.raises(DataError, match="3 class names.*4 classes"):
+        run_eval([ModelEntry("m", TINY)], [entry], ["1/255"], "pgd", out_dir=tmp_path, progress=False)
+    unnamed = PatternSet(8, 0)
+    del unnamed.classnames  # no class list to compare: caught on the labels themselves
+    entry = DatasetEntry("patterns", unnamed, CLASSES[:3], TEMPLATES)
+    with pytest.raises(DataError, match="outside the head's 3 classes"):
+        run_eval([ModelEntry("m", TINY)], [entry], ["1/255"], AttackSpec(name="pgd", iterations=1),
+                 n_samples=8, batch_size=8, out_dir=tmp_path / "b", progress=False)
+
+
+def test_missing_dataset_roots_name_the_expected_layout(tmp_path):
+    with pytest.raises(DataError, match="cifar-10-batches-py"):
+        suite_datasets(["cifar10"], tmp_path / "nowhere")
+    with pytest.raises(DataError, match="val/<wnid>"):
+        imagenet_dataset(tmp_path / "imagenet")
+    with pytest.raises(DataError, match="world.json"):
+        world_datasets(tmp_path / "no-world")

@@ -1,0 +1,339 @@
+"""Model loading, export and the [0, 1]-image classifier contract, on tiny random-weight CLIPs."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from mmtard.errors import ModelError
+from mmtard.lora import add_lora, has_lora, merged_copy
+from mmtard.models import (
+    CLIPClassifier,
+    ModelSpec,
+    create_clip,
+    export_open_clip,
+    freeze,
+    preprocess_stats,
+    register_tiny_models,
+    train_only_image_tower,
+)
+
+TINY = "mmtard-tiny-vit"
+SMALL = "mmtard-small-vit"
+# (embed_dim, image size, visual width) from src/mmtard/model_configs.
+ARCH = {TINY: (64, 32, 64), SMALL: (96, 48, 128)}
+
+
+def _clip(name: str = TINY, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return create_clip(ModelSpec(name))
+
+
+def _assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def _differs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+class _WritesMarker:
+    """A pickle payload: unpickling it calls ``open(marker, "w")``, which creates the file."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+# -- create_clip ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [TINY, SMALL])
+def test_create_clip_by_name_random_weights(name):
+    clip = _clip(name)
+    embed_dim, size, _ = ARCH[name]
+    assert isinstance(clip, open_clip.CLIP)
+    assert not clip.training
+    assert preprocess_stats(clip)[2] == (size, size)
+    with torch.no_grad():
+        features = clip.encode_image(torch.rand(2, 3, size, size))
+    assert features.shape == (2, embed_dim)
+    # Random init: another seed gives other weights.
+    assert _differs(clip.state_dict(), _clip(name, seed=1).state_dict())
+
+
+def test_unknown_model_name_lists_close_names():
+    with pytest.raises(ModelError) as info:
+        create_clip(ModelSpec("ViT-B-23"))
+    message = str(info.value)
+    assert "ViT-B-23" in message
+    assert "ViT-B-32" in message
+
+
+@pytest.mark.parametrize("wrap", ["plain", "state_dict", "module_prefix"])
+def test_local_safetensors_and_pt_give_identical_weights(tmp_path, wrap):
+    source = _clip(seed=3)
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    st_path = tmp_path / "weights.safetensors"
+    save_file(state, str(st_path))
+    pt_state = {
+        "plain": state,
+        "state_dict": {"state_dict": state},
+        "module_prefix": {f"module.{k}": v for k, v in state.items()},
+    }[wrap]
+    pt_path = tmp_path / "weights.pt"
+    torch.save(pt_state, pt_path)
+
+    torch.manual_seed(99)  # the random init before loading must be overwritten
+    from_st = create_clip(ModelSpec(TINY, str(st_path))).state_dict()
+    from_pt = create_clip(ModelSpec(TINY, str(pt_path))).state_dict()
+    _assert_same_state(from_st, state)
+    _assert_same_state(from_pt, state)
+    assert _differs(_clip(seed=99).state_dict(), state)
+
+
+def test_weights_of_another_architecture_name_file_and_shapes(tmp_path):
+    small = _clip(SMALL).state_dict()
+    tiny = _clip(TINY).state_dict()
+    path = tmp_path / "small.safetensors"
+    save_file({k: v.contiguous() for k, v in small.items()}, str(path))
+    with pytest.raises(ModelError) as info:
+        create_clip(ModelSpec(TINY, str(path)))
+    message = str(info.value)
+    assert str(path) in message
+    assert TINY in message
+    match = re.search(r"tensor '(.+?)' has shape (\(.*?\)) in the file but (\(.*?\)) in the model", message)
+    assert match, message
+    key, in_file, in_model = match.groups()
+    assert in_file == str(tuple(small[key].shape))
+    assert in_model == str(tuple(tiny[key].shape))
+    assert in_file != in_model
+
+
+def test_weights_missing_keys_refused(tmp_path):
+    state = {k: v for k, v in _clip().state_dict().items() if not k.startswith("visual.")}
+    path = tmp_path / "text_only.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(ModelError, match="missing keys"):
+        create_clip(ModelSpec(TINY, str(path)))
+
+
+def test_missing_weight_file(tmp_path):
+    with pytest.raises(ModelError, match="not found"):
+        create_clip(ModelSpec(TINY, str(tmp_path / "nope.pt")))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"visual.proj": _WritesMarker(str(marker))}, path)
+
+    # The payload is live: an unsafe load does create its marker.
+    control_marker = tmp_path / "control"
+    control = tmp_path / "control.pt"
+    torch.save({"x": _WritesMarker(str(control_marker))}, control)
+    torch.load(control, weights_only=False)
+    assert control_marker.exists()
+
+    with pytest.raises(ModelError) as info:
+        create_clip(ModelSpec(TINY, str(path)))
+    assert "unpickling" in str(info.value)
+    assert str(path) in str(info.value)
+    assert not marker.exists()
+
+
+def test_open_clip_tag_offline_fails_fast(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(ModelError) as info:
+        create_clip(ModelSpec("ViT-B-32", "openai"))
+    assert time.monotonic() - start < 5
+    message = str(info.value)
+    assert "ViT-B-32" in message and "openai" in message
+    assert "local" in message and "file" in message
+
+
+def test_bogus_tag_is_refused_before_building(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(ModelError) as info:
+        create_clip(ModelSpec("ViT-B-32", "not-a-tag"))
+    assert time.monotonic() - start < 5
+    message = str(info.value)
+    assert "not-a-tag" in message and "ViT-B-32" in message
+    assert "openai" in message  # lists the real tags
+
+
+# -- export ---------------------------------------------------------------------------------------------------------
+
+
+def test_export_round_trip_through_open_clip(tmp_path):
+    clip = _clip(seed=5)
+    path = export_open_clip(clip, tmp_path / "out" / "model.safetensors")
+    assert path.is_file()
+    assert not list(path.parent.glob("*.tmp"))
+    register_tiny_models()
+    loaded, _, _ = open_clip.create_model_and_transforms(TINY, pretrained=str(path))
+    loaded.eval()
+    _assert_same_state(loaded.state_dict(), clip.state_dict())
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(x), clip.encode_image(x))
+
+
+# -- CLIPClassifier -------------------------------------------------------------------------------------------------
+
+
+def _unit_columns(d: int, k: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(d, k, generator=g), dim=0)
+
+
+def _manual_logits(clip, x, weights, scale):
+    x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    features = clip.encode_image((x - mean) / std)
+    return scale * (features / features.norm(dim=-1, keepdim=True)) @ weights
+
+
+def test_classifier_resizes_and_computes_scaled_cosine_logits():
+    clip = _clip()
+    weights = _unit_columns(64, 5)
+    model = CLIPClassifier(clip, weights, scale=100.0)
+    assert model.num_classes == 5
+    x = torch.rand(2, 3, 40, 40)
+    with torch.no_grad():
+        logits = model(x)
+        expected = _manual_logits(clip, x, weights, 100.0)
+    assert logits.shape == (2, 5)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-4)
+    # Cosine logits: bounded by the scale.
+    assert logits.abs().max() <= 100.0 + 1e-3
+
+
+def test_classifier_scale_none_uses_learnt_logit_scale():
+    clip = _clip()
+    with torch.no_grad():
+        clip.logit_scale.fill_(torch.log(torch.tensor(7.0)))
+    weights = _unit_columns(64, 4)
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        learnt = CLIPClassifier(clip, weights, scale=None)(x)
+        fixed = CLIPClassifier(clip, weights, scale=1.0)(x)
+        expected = _manual_logits(clip, x, weights, 7.0)
+    torch.testing.assert_close(learnt, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(learnt, 7.0 * fixed, rtol=1e-5, atol=1e-5)
+
+
+def test_classifier_features_output_equals_image_features():
+    clip = _clip()
+    model = CLIPClassifier(clip, _unit_columns(64, 3))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        features = model(x, output="features")
+        assert torch.equal(features, model.image_features(x))
+        mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+        torch.testing.assert_close(features, clip.encode_image((x - mean) / std))
+    assert features.shape == (2, 64)
+
+
+def test_classifier_without_text_weights_refuses_logits():
+    model = CLIPClassifier(_clip())
+    assert model.num_classes == 0
+    with pytest.raises(ModelError, match="set_text_weights"):
+        model(torch.rand(1, 3, 32, 32))
+
+
+def test_freeze():
+    model = CLIPClassifier(_clip(), _unit_columns(64, 3)).train()
+    assert freeze(model) is model
+    assert not any(p.requires_grad for p in model.parameters())
+    assert not any(m.training for m in model.modules())
+
+
+def test_train_only_image_tower():
+    clip = _clip()
+    freeze(clip)
+    train_only_image_tower(clip)
+    visual = {id(p) for p in clip.visual.parameters()}
+    assert visual
+    for name, parameter in clip.named_parameters():
+        assert parameter.requires_grad == (id(parameter) in visual), name
+    assert not clip.logit_scale.requires_grad
+
+
+# -- LoRA -----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [TINY, SMALL])
+def test_lora_trains_adapters_only_and_merges_exactly(name):
+    embed_dim, size, _ = ARCH[name]
+    clip = _clip(name)
+    plain_keys = set(clip.state_dict())
+    base_before = {k: v.clone() for k, v in clip.state_dict().items()}
+    add_lora(clip, rank=4, alpha=8, dropout=0.1)
+    assert has_lora(clip)
+
+    trainable = [n for n, p in clip.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any(n.startswith("visual.") and "lora_" in n for n in trainable)
+
+    # Optimise over *all* parameters, with weight decay: a base weight that got a gradient would move.
+    optimizer = torch.optim.SGD(clip.parameters(), lr=0.5, weight_decay=0.1)
+    clip.train()
+    x = torch.rand(4, 3, size, size)
+    target = F.normalize(torch.randn(4, embed_dim), dim=-1)
+    for _ in range(2):  # lora_B starts at zero; the second step moves lora_A too
+        optimizer.zero_grad()
+        loss = -(F.normalize(clip.encode_image(x), dim=-1) * target).sum()
+        loss.backward()
+        optimizer.step()
+
+    merged = merged_copy(clip)
+    merged_state = merged.state_dict()
+    assert set(merged_state) == plain_keys
+    assert not any("lora" in k or "base_layer" in k for k in merged_state)
+    # Text tower and every non-visual weight untouched; the adapters did move the image features.
+    for key, value in base_before.items():
+        if not key.startswith("visual."):
+            assert torch.equal(merged_state[key], value), key
+    lora_base = {
+        k.replace("visual.base_model.model.", "visual.").replace(".base_layer", ""): v
+        for k, v in clip.state_dict().items()
+        if "lora_" not in k
+    }
+    assert set(lora_base) == plain_keys
+    for key, value in base_before.items():
+        # peft's nn.MultiheadAttention LoRA merges the adapter into in_proj_weight for each forward and
+        # subtracts it again, so the base weight drifts by float rounding (~1 ulp) -- not by training,
+        # which with this lr and weight decay would move it by ~1e-3.
+        torch.testing.assert_close(lora_base[key], value, rtol=0, atol=1e-6, msg=key)
+
+    clip.eval()
+    merged.eval()
+    with torch.no_grad():
+        lora_out = clip.encode_image(x)
+        merged_out = merged.encode_image(x)
+        base = open_clip.create_model(name)
+        base.load_state_dict(base_before)
+        base.eval()
+        base_out = base.encode_image(x)
+    torch.testing.assert_close(merged_out, lora_out, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(lora_out, base_out, atol=1e-4)
+    # The merge is a copy: the LoRA student keeps its adapters.
+    assert has_lora(clip) and not has_lora(merged)
+    # Merged weights load strictly into a plain open_clip model.
+    plain = open_clip.create_model(name)
+    plain.load_state_dict(merged_state, strict=True)

@@ -1,0 +1,120 @@
+"""Report: tables, figures and sanity flags from results files and training run folders."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from mmtard.errors import DataError
+from mmtard.report import eps_table, run_report
+
+EPS = ("1/255", "2/255", "4/255")
+
+
+def _dataset(clean: float, robust: list[float], kind: str = "zeroshot") -> dict:
+    return {"n": 100, "clean": clean, "robust": dict(zip(EPS, robust)), "kind": kind}
+
+
+def _results(models: dict, warnings: list[str] | None = None) -> dict:
+    return {
+        "models": models,
+        "attack": {"name": "apgd", "attacks": ["apgd-ce", "apgd-t"], "iterations": 100, "norm": "linf",
+                   "version": "custom", "eps": list(EPS)},
+        "created": "2025-01-01T00:00:00+00:00",
+        "warnings": warnings or [],
+        "sanity": [],
+    }
+
+
+def _row(datasets: dict, **extra) -> dict:
+    zs = {k: v for k, v in datasets.items() if v["kind"] == "zeroshot"}
+    average = {
+        "datasets": sorted(zs),
+        "clean": sum(d["clean"] for d in zs.values()) / len(zs),
+        "robust": {e: sum(d["robust"][e] for d in zs.values()) / len(zs) for e in EPS},
+    }
+    return {"arch": "ViT-B-32", "weights": "student.safetensors", "datasets": datasets, "average": average, **extra}
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    one = tmp_path / "eval-a"
+    one.mkdir()
+    (one / "results.json").write_text(json.dumps(_results({
+        "mmt-ard": _row({"imagenet": _dataset(60.0, [45.0, 35.0, 20.0], "classification"),
+                         "cifar10": _dataset(80.0, [60.0, 45.0, 25.0]),
+                         "dtd": _dataset(30.0, [20.0, 12.0, 5.0])}),
+    }, warnings=["mmt-ard/dtd: there are 2 points with zero gradient!"])))
+    two = tmp_path / "eval-b.json"
+    two.write_text(json.dumps(_results({
+        "undefended": _row({"imagenet": _dataset(63.0, [1.0, 0.2, 0.0], "classification"),
+                            "cifar10": _dataset(88.0, [3.0, 0.5, 0.0]),
+                            "dtd": _dataset(44.0, [2.0, 0.0, 0.0])}),
+        "ard": _row({"cifar10": _dataset(78.0, [55.0, 40.0, 22.0])}),
+    })))
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / "metrics.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(
+            ["step", "loss", "loss_robust", "loss_clean", "lr", "train_acc_clean", "train_acc_adv", "images_per_s"]
+        )
+        for step in range(1, 21):
+            lr = 1e-4 * (1 - step / 21)
+            writer.writerow([step * 10, 2.0 / step, 1.5 / step, 0.5 / step, lr, 0.3 + step / 40, 0.1 + step / 60, ""])
+    return [one, two, run]
+
+
+def test_report_renders_tables_and_figures(inputs, tmp_path):
+    path = run_report(inputs, tmp_path / "report")
+    text = path.read_text()
+    assert path.name == "report.md"
+    for name in ("accuracy_vs_eps.png", "clean_vs_robust.png", "training_run.png"):
+        figure = tmp_path / "report" / name
+        assert figure.is_file() and figure.stat().st_size > 1000
+        assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name})" in text
+    for key in EPS:
+        assert f"### eps = {key}" in text
+    assert "| mmt-ard |" in text and "| undefended |" in text and "| ard |" in text
+    assert "All passed" in text
+    assert "zero gradient" in text  # AutoAttack's warnings travel into the report
+
+
+def test_eps_table_has_clean_robust_and_average_columns():
+    models = {"m": _row({"cifar10": _dataset(80.0, [60.0, 45.0, 25.0]), "dtd": _dataset(30.0, [20.0, 12.0, 5.0])})}
+    table = eps_table(models, "2/255")
+    header, _, line = table.splitlines()
+    assert header.split(" | ")[1:3] == ["cifar10 clean", "cifar10 2/255"]
+    assert "avg 2/255" in header
+    assert line == "| m | 80.0 | 45.0 | 30.0 | 12.0 | 55.0 | 28.5 |"
+
+
+def test_report_flags_failed_sanity_checks_without_crashing(tmp_path, caplog):
+    bad = _results({
+        "undefended": _row({"cifar10": _dataset(80.0, [85.0, 30.0, 40.0])}),
+    })
+    (tmp_path / "results.json").write_text(json.dumps(bad))
+    with caplog.at_level("WARNING"):
+        text = run_report([tmp_path / "results.json"], tmp_path / "out").read_text()
+    for check in ("robust<=clean", "monotone-eps", "undefended-near-zero"):
+        assert check in text
+    assert any("undefended" in r.getMessage() for r in caplog.records)
+
+
+def test_report_of_training_run_only(inputs, tmp_path):
+    text = run_report([inputs[2]], tmp_path / "out").read_text()
+    assert "## Training" in text and (tmp_path / "out" / "training_run.png").stat().st_size > 1000
+
+
+def test_report_refuses_missing_or_unknown_inputs(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        run_report([tmp_path / "nope"], tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="neither"):
+        run_report([tmp_path / "empty"], tmp_path / "out")
+    (tmp_path / "broken.json").write_text(json.dumps({"models": {}}))
+    with pytest.raises(DataError, match="attack"):
+        run_report([tmp_path / "broken.json"], tmp_path / "out")
