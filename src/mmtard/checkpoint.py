@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import re
 from pathlib import Path
@@ -23,27 +24,35 @@ from mmtard.errors import MmtardError
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
+_TMP_SUFFIX = ".tmp"
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """torch.save through a temporary file and an atomic rename, fsynced."""
+    """torch.save through a temporary file and an atomic rename, fsynced.
+
+    A failed write (disk full, quota, permissions) removes the temporary file, leaves any previous
+    file at ``path`` untouched and raises an MmtardError naming ``path``.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as handle:
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise MmtardError(f"cannot write {path}: {exc.strerror or exc}; any previous file there is "
+                              "intact. Free space (or fix the folder) and run the same command again") from exc
         raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
     return path
 
 
@@ -65,21 +74,54 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int = 2) -> Path:
+    """Write ``step_<step>.pt``, then prune to the newest ``keep`` and drop temporary files that a
+    killed writer left behind (only the process that holds the run writes here)."""
     path = atomic_save(state, checkpoint_dir(run_dir) / f"step_{step:08d}.pt")
     for _, old in list_checkpoints(run_dir)[:-max(keep, 1)]:
         old.unlink(missing_ok=True)
+    for stale in checkpoint_dir(run_dir).glob(f".step_*{_TMP_SUFFIX}"):
+        stale.unlink(missing_ok=True)
     return path
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint with ``weights_only=True``: never runs code from the file."""
+    """Read a checkpoint with ``weights_only=True``: never runs code from the file.
+
+    A file that would need arbitrary unpickling is refused (unpickling can execute any code); a
+    damaged file is refused with the advice to delete it and resume from the one before.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
         raise MmtardError(
-            f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}. mmtard loads checkpoints with "
-            "torch.load(weights_only=True) only; a file that needs arbitrary unpickling is refused."
+            f"refusing to load checkpoint {path}: it needs arbitrary unpickling, which can execute code "
+            f"(torch.load weights_only=True rejected it: {unpickling_reason(exc)}). If you trust the file, convert "
+            "it once: state = torch.load(path, weights_only=False), keep only tensors and plain Python "
+            "values, and torch.save it again; otherwise delete it"
         ) from exc
+    except Exception as exc:  # noqa: BLE001 - zip, EOF and OS errors alike mean "not readable"
+        raise MmtardError(
+            f"cannot read checkpoint {path}: {_first_line(exc)}. Delete it to resume from the previous "
+            "checkpoint, if any"
+        ) from exc
+    if not isinstance(state, dict) or "step" not in state:
+        raise MmtardError(f"{path} is not an mmtard checkpoint (no 'step' entry)")
+    return state
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first sentence of an error message (torch's zip errors go on for a paragraph)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0].split(". ", 1)[0].rstrip(".") if lines else type(exc).__name__
+
+
+def unpickling_reason(exc: BaseException) -> str:
+    """The one informative sentence of torch's multi-paragraph weights_only refusal, e.g.
+    ``Unsupported global: GLOBAL io.open was not an allowed global by default``."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    text = text.split("WeightsUnpickler error:", 1)[-1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0].split(". Please", 1)[0].rstrip(".") if lines else type(exc).__name__
 
 
 def rng_state() -> dict:

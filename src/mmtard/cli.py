@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -88,8 +89,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"train-teacher trains with {', '.join(TEACHER_METHODS)}; the config says "
                           f"'{config.method.name}' (use `mmtard distill` for it)")
     path = train(config, args.out, force=args.force, show_progress=not args.quiet)
-    print(f"student written to {path}")
+    if _finish_distributed():
+        print(f"student written to {path}")
     return 0
+
+
+def _finish_distributed() -> bool:
+    """Leave the torchrun process group, if any; True on the rank that reports (rank 0)."""
+    from mmtard.distributed import current_env, destroy
+
+    is_main = current_env().is_main
+    destroy()
+    return is_main
 
 
 def _cmd_world(args: argparse.Namespace) -> int:
@@ -153,7 +164,10 @@ def _eval_datasets(specs: list[str]) -> list:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
     from mmtard.autoattack import AttackSpec
+    from mmtard.distributed import init_distributed, lost_ranks_reported
     from mmtard.evaluate import run_eval
     from mmtard.factory import resolve_device
     from mmtard.report import run_report
@@ -161,10 +175,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     attack = _ATTACKS.get(args.attack.replace(" ", "").lower())
     if attack is None:
         raise ConfigError(f"--attack '{args.attack}' is not one of apgd-ce,apgd-t | standard | pgd")
-    run_eval(_eval_models(args), _eval_datasets(args.dataset), args.eps.split(","),
-             attack=AttackSpec(name=attack, iterations=args.iterations), n_samples=args.n_samples,
-             batch_size=args.batch_size, out_dir=args.out, seed=args.seed,
-             device=str(resolve_device(args.device)), progress=not args.quiet)
+    device = resolve_device(args.device)
+    env = init_distributed(device.type)  # under torchrun: each rank attacks its share of the batches
+    if device.type == "cuda" and env.enabled:
+        device = torch.device("cuda", env.local_rank)
+    with lost_ranks_reported("run the same command again to resume"):
+        run_eval(_eval_models(args), _eval_datasets(args.dataset), args.eps.split(","),
+                 attack=AttackSpec(name=attack, iterations=args.iterations), n_samples=args.n_samples,
+                 batch_size=args.batch_size, out_dir=args.out, seed=args.seed,
+                 device=str(device), progress=not args.quiet)
+    if not _finish_distributed():
+        return 0
     report = run_report([Path(args.out)], Path(args.out))
     print(f"results written to {Path(args.out) / 'results.json'}; report: {report}")
     return 0
@@ -195,6 +216,18 @@ COMMANDS = {
 }
 
 
+def _one_line(exc: BaseException) -> str:
+    """The refusal as one line: an OSError as ``path: reason``; an error re-raised by a DataLoader
+    worker (whose message embeds the worker's traceback) as the original message."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    text = str(exc).strip()
+    if "Original Traceback" in text:  # torch.utils.data._utils.ExceptionWrapper.reraise
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if re.match(r"^[\w.]+: ", last) else last
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
@@ -211,10 +244,12 @@ def main(argv: list[str] | None = None) -> int:
         handler.addFilter(_drop_random_init_notice)
     try:
         return COMMANDS[args.command](args)
-    except MmtardError as exc:
+    except (MmtardError, OSError) as exc:
+        # OSError: a path the user gave cannot be read or written (missing, a file where a folder
+        # is expected, disk full); its message names the path. Other exceptions are bugs.
         if args.debug:
             raise
-        print(f"mmtard {args.command}: error: {exc}", file=sys.stderr)
+        print(f"mmtard {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mmtard {args.command}: interrupted; run the same command again to resume", file=sys.stderr)

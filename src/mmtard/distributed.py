@@ -2,16 +2,33 @@
 
 ``torchrun --nproc_per_node=8 -m mmtard distill --config ...`` sets RANK/WORLD_SIZE/LOCAL_RANK;
 without them everything runs as a single process. NCCL on GPUs, gloo on CPU.
+
+A rank that dies leaves the others blocked in a collective: torchrun's agent stops them at once,
+and without an agent the process-group timeout does (``MMTARD_DIST_TIMEOUT`` seconds, default
+600), after which they exit with an error and the run resumes from its last checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from mmtard.errors import ConfigError, MmtardError
+
+T = TypeVar("T")
+TIMEOUT_ENV = "MMTARD_DIST_TIMEOUT"
+# What gloo and NCCL put in the RuntimeError of a collective whose peer died or never answered.
+_LOST_PEER_MARKERS = ("Timed out", "timed out", "Connection closed by peer", "Connection reset", "NCCL", "gloo")
+
+
+class RankLostError(MmtardError):
+    """Another rank died or stopped answering within the process-group timeout."""
 
 
 @dataclass(frozen=True)
@@ -29,11 +46,29 @@ class DistEnv:
         return self.world_size > 1
 
 
-def init_distributed(device_type: str, timeout_s: int = 600) -> DistEnv:
+def timeout_seconds() -> float:
+    """How long a collective waits for a missing rank: ``MMTARD_DIST_TIMEOUT`` or 600 s."""
+    text = os.environ.get(TIMEOUT_ENV, "600")
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise ConfigError(f"{TIMEOUT_ENV}={text!r}: expected a positive number of seconds")
+    return value
+
+
+def env_world_size() -> int:
+    """The number of ranks torchrun launched (1 without torchrun), known before joining the group."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(device_type: str, timeout_s: float | None = None) -> DistEnv:
     """Join the process group torchrun describes in the environment (once)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = env_world_size()
     if world_size <= 1:
         return DistEnv()
+    timeout_s = timeout_seconds() if timeout_s is None else timeout_s
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
@@ -66,3 +101,63 @@ def barrier() -> None:
 def destroy() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run ``fn`` on rank 0 alone and hand its result, or its refusal, to every rank.
+
+    For steps that touch shared files (clearing a run folder, choosing the checkpoint to resume
+    from, reading an evaluation record): the other ranks never race rank 0, and a refusal on rank 0
+    stops every rank with the same message instead of leaving them blocked in the next collective.
+    """
+    env = current_env()
+    if not env.enabled:
+        return fn(*args, **kwargs)
+    payload: list = [None]
+    failure: BaseException | None = None
+    if env.is_main:
+        try:
+            payload[0] = ("ok", fn(*args, **kwargs))
+        except Exception as exc:  # every rank stops; rank 0 keeps its own traceback
+            failure = exc
+            payload[0] = ("error", exc if isinstance(exc, MmtardError) else MmtardError(f"rank 0 failed: {exc!r}"))
+    dist.broadcast_object_list(payload, src=0)
+    if failure is not None:
+        raise failure
+    kind, value = payload[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+def broadcast_object(obj: T) -> T:
+    """Rank 0's ``obj`` on every rank; the identity in a single process."""
+    if not current_env().enabled:
+        return obj
+    payload = [obj]
+    dist.broadcast_object_list(payload, src=0)
+    return payload[0]
+
+
+def all_gather_object(obj: Any) -> list:
+    """Every rank's ``obj``, in rank order (picklable objects, over gloo or NCCL)."""
+    env = current_env()
+    if not env.enabled:
+        return [obj]
+    out: list = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+@contextlib.contextmanager
+def lost_ranks_reported(hint: str) -> Iterator[None]:
+    """Turn the backend's error for a dead or silent peer into one readable refusal (exit code 2)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        env = current_env()
+        if not (env.enabled and (isinstance(exc, dist.DistError) or any(m in str(exc) for m in _LOST_PEER_MARKERS))):
+            raise
+        first = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
+        raise RankLostError(f"rank {env.rank}: another rank died or did not answer within {TIMEOUT_ENV}="
+                            f"{timeout_seconds():g} s ({first}); {hint}") from exc

@@ -10,6 +10,11 @@ Resumable and mergeable: per-sample verdicts live in ``out_dir/samples/<row>/<da
 are rewritten atomically after every batch and eps, so an evaluation killed midway recomputes only
 what is missing. Batches are fixed slices of the seeded subsample and each attack call has its own
 seed, so a resumed run gives exactly the numbers of an uninterrupted one.
+
+Under torchrun the missing batches are dealt round-robin to the ranks; after each round of
+``world_size`` batches the verdicts are gathered and rank 0 alone writes the record (and, at the
+end, results.json). Since a batch's verdicts do not depend on which process computes them, a
+distributed evaluation gives exactly the single-process numbers.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from tqdm.auto import tqdm
 
 from mmtard.attacks import format_eps, parse_eps
 from mmtard.autoattack import AttackSpec, robust_flags
-from mmtard.errors import ConfigError, DataError
+from mmtard.distributed import all_gather_object, current_env, run_on_main
+from mmtard.errors import ConfigError, DataError, MmtardError
 from mmtard.results import (
     RESULTS_NAME,
     SCHEMA_VERSION,
@@ -238,7 +244,9 @@ def _load_classifier(model: ModelEntry, device: str, cache: dict):
 
     if model.row not in cache:
         cache.clear()  # one model in memory at a time
-        clip = freeze(create_clip(ModelSpec(model.arch, model.weights), device)).float()
+        with torch.random.fork_rng(devices=[]):  # a random-weights row is the same model on every rank
+            torch.manual_seed(0)
+            clip = freeze(create_clip(ModelSpec(model.arch, model.weights), device)).float()
         cache[model.row] = CLIPClassifier(clip, scale=None).to(device)
     return cache[model.row]
 
@@ -275,40 +283,109 @@ def _evaluate_one(
     chunks = _missing_chunks(record, list(eps))
     if not chunks:
         return
+    if current_env().enabled:
+        _evaluate_sharded(classifier, model, entry, record, path, chunks, eps, spec, device, num_workers, progress,
+                          on_batch)
+        return
     batches = [record["indices"][c * bs:(c + 1) * bs] for c in chunks]
     loader = DataLoader(entry.dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=_collate(entry))
-    n_classes = len(entry.classnames)
     bar = tqdm(total=n, initial=n - sum(len(b) for b in batches), desc=f"{model.row} {entry.name} {spec.name}",
                unit="img", disable=not progress, leave=False)
     for c, (x, y, _) in zip(chunks, loader):
-        if int(y.max()) >= n_classes or int(y.min()) < 0:
-            raise DataError(f"dataset {entry.name!r}: label {int(y.max())} outside the head's {n_classes} classes")
-        sl = slice(c * bs, c * bs + len(y))
-        x, y = x.to(device).float(), y.to(device)
-        stored = record["clean"][sl]
-        if all(v is not None for v in stored):  # keep the verdicts the stored attacks were run on
-            correct = torch.tensor(stored, dtype=torch.bool, device=y.device)
-        else:
-            with torch.no_grad():
-                correct = classifier(x).argmax(1).eq(y)
-        record["labels"][sl] = y.tolist()
-        record["clean"][sl] = correct.tolist()
-        for key, value in eps.items():
-            if all(v is not None for v in record["robust"][key][sl]):
-                continue
-            robust = torch.zeros_like(correct)
-            if correct.any():
-                attack_seed = _attack_seed(record["seed"], entry.name, c, key)
-                outcome = robust_flags(classifier, x[correct], y[correct], value, spec, attack_seed)
-                robust[correct] = outcome.robust.to(robust.device)
-                _note(record, [f"{model.row}/{entry.name}: {m}" for m in outcome.messages])
-            record["robust"][key][sl] = robust.tolist()
+        def saved(key: str, c: int = c) -> None:
             write_json_atomic(record, path)
             if on_batch is not None:
                 on_batch(entry.name, key, c)
+
+        _evaluate_chunk(classifier, model, entry, record, c, x, y, eps, spec, device, saved)
         _note(record, _skipped(entry))
         write_json_atomic(record, path)
         bar.update(len(y))
+    bar.close()
+
+
+def _evaluate_chunk(
+    classifier, model: ModelEntry, entry: DatasetEntry, record: dict, c: int, x: torch.Tensor, y: torch.Tensor,
+    eps: dict[str, float], spec: AttackSpec, device: str, after_eps: Callable[[str], None],
+) -> None:
+    """The clean and robust verdicts of batch ``c`` into ``record``; ``after_eps(key)`` after each radius."""
+    n_classes, bs = len(entry.classnames), record["batch_size"]
+    if int(y.max()) >= n_classes or int(y.min()) < 0:
+        raise DataError(f"dataset {entry.name!r}: label {int(y.max())} outside the head's {n_classes} classes")
+    sl = slice(c * bs, c * bs + len(y))
+    x, y = x.to(device).float(), y.to(device)
+    stored = record["clean"][sl]
+    if all(v is not None for v in stored):  # keep the verdicts the stored attacks were run on
+        correct = torch.tensor(stored, dtype=torch.bool, device=y.device)
+    else:
+        with torch.no_grad():
+            correct = classifier(x).argmax(1).eq(y)
+    record["labels"][sl] = y.tolist()
+    record["clean"][sl] = correct.tolist()
+    for key, value in eps.items():
+        if all(v is not None for v in record["robust"][key][sl]):
+            continue
+        robust = torch.zeros_like(correct)
+        if correct.any():
+            attack_seed = _attack_seed(record["seed"], entry.name, c, key)
+            outcome = robust_flags(classifier, x[correct], y[correct], value, spec, attack_seed)
+            robust[correct] = outcome.robust.to(robust.device)
+            _note(record, [f"{model.row}/{entry.name}: {m}" for m in outcome.messages])
+        record["robust"][key][sl] = robust.tolist()
+        after_eps(key)
+
+
+def _evaluate_sharded(
+    classifier, model: ModelEntry, entry: DatasetEntry, record: dict, path: Path, chunks: list[int],
+    eps: dict[str, float], spec: AttackSpec, device: str, num_workers: int, progress: bool,
+    on_batch: BatchHook | None,
+) -> None:
+    """The loop under torchrun: in each round of ``world_size`` missing batches rank r attacks the
+    r-th; the verdicts are gathered on every rank and rank 0 saves the record, so an interrupted
+    run redoes at most one round."""
+    env = current_env()
+    n, bs = len(record["indices"]), record["batch_size"]
+    mine = [record["indices"][c * bs:(c + 1) * bs] for c in chunks[env.rank::env.world_size]]
+    loader = iter(DataLoader(entry.dataset, batch_sampler=mine, num_workers=num_workers,
+                             collate_fn=_collate(entry))) if mine else iter(())
+    bar = tqdm(total=n, initial=n - sum(min(bs, n - c * bs) for c in chunks), unit="img", leave=False,
+               desc=f"{model.row} {entry.name} {spec.name} x{env.world_size}", disable=not (progress and env.is_main))
+    for start in range(0, len(chunks), env.world_size):
+        todo = {c: [k for k in eps if any(v is None for v in record["robust"][k][c * bs:(c + 1) * bs])]
+                for c in chunks[start:start + env.world_size]}
+        patch = None
+        if start + env.rank < len(chunks):
+            c = chunks[start + env.rank]
+            try:
+                x, y, _ = next(loader)
+                _evaluate_chunk(classifier, model, entry, record, c, x, y, eps, spec, device, lambda key: None)
+            except Exception as exc:  # every rank must learn of it, or they wait in the gather below
+                patch = {"error": exc if isinstance(exc, MmtardError) else MmtardError(f"rank {env.rank}: {exc!r}")}
+            else:
+                sl = slice(c * bs, c * bs + len(y))
+                patch = {"chunk": c, "labels": record["labels"][sl], "clean": record["clean"][sl],
+                         "robust": {k: record["robust"][k][sl] for k in eps},
+                         "messages": record["messages"] + _skipped(entry)}
+        patches = [p for p in all_gather_object(patch) if p is not None]
+        for p in patches:
+            if "error" in p:
+                raise p["error"]
+        for p in patches:
+            sl = slice(p["chunk"] * bs, p["chunk"] * bs + len(p["labels"]))
+            record["labels"][sl], record["clean"][sl] = p["labels"], p["clean"]
+            for key, flags in p["robust"].items():
+                record["robust"][key][sl] = flags
+            new = [m for m in p["messages"] if m not in record["messages"]]
+            if env.is_main:
+                _note(record, new)
+            else:
+                record["messages"].extend(new)
+            bar.update(len(p["labels"]))
+        if env.is_main:
+            write_json_atomic(record, path)
+            for c, keys in todo.items() if on_batch is not None else ():
+                for key in keys:
+                    on_batch(entry.name, key, c)
     bar.close()
 
 
@@ -399,7 +476,8 @@ def run_eval(
                "attack": spec.describe(list(eps.values())), "datasets": {}}
         for entry in datasets:
             path = _sample_path(out_dir, model.row, entry.name)
-            record = _open_record(path, _new_record(model, entry, spec, sizes.get(entry.name), seed, batch_size))
+            fresh = _new_record(model, entry, spec, sizes.get(entry.name), seed, batch_size)
+            record = run_on_main(_open_record, path, fresh)  # under torchrun, rank 0 reads and shares it
             if _missing_chunks(record, list(eps)):
                 classifier = _load_classifier(model, device, cache)
                 classifier.set_text_weights(_head(classifier, model, entry, out_dir))
@@ -409,13 +487,13 @@ def run_eval(
             warnings_seen += [m for m in record["messages"] if m not in warnings_seen]
         row["average"] = zeroshot_average(row["datasets"])
         rows[model.row] = row
-    return _write_results(out_dir, rows, spec, list(eps.values()), warnings_seen)
+    return run_on_main(_write_results, out_dir, rows, spec, list(eps.values()), warnings_seen)
 
 
 def _head(classifier, model: ModelEntry, entry: DatasetEntry, out_dir: Path) -> torch.Tensor:
     from mmtard.zeroshot import text_weights
 
-    cache_dir = out_dir / "text_cache"
+    cache_dir = out_dir / "text_cache" if current_env().is_main else None  # only rank 0 writes
     return text_weights(classifier.clip, model.arch, entry.classnames, entry.templates, cache_dir=cache_dir)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 
@@ -34,10 +35,12 @@ class MetricsWriter:
             return
         self.columns = list(rows[0].keys())
         kept = [row for row in rows if int(float(row["step"])) <= step]
-        with open(self.path, "w", newline="") as handle:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")  # a kill while rewriting loses nothing
+        with open(tmp, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=self.columns)
             writer.writeheader()
             writer.writerows(kept)
+        os.replace(tmp, self.path)
 
     def write(self, step: int, values: dict[str, float]) -> None:
         row = {"step": step, **values}

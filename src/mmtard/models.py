@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmtard.checkpoint import unpickling_reason
 from mmtard.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
                 f"refusing to load {path}: it needs arbitrary unpickling, which can execute code "
                 "(torch.load weights_only=True rejected it). If you trust the file, convert it once "
                 "with `torch.load(path, weights_only=False)` and save its state_dict with "
-                f"safetensors. Detail: {str(exc).splitlines()[0]}"
+                f"safetensors. Detail: {unpickling_reason(exc)}"
             ) from exc
         except (RuntimeError, EOFError, OSError) as exc:
             raise ModelError(f"cannot read weight file {path}: {exc}") from exc

@@ -47,7 +47,11 @@ def prepare_run_dir(run_dir: Path, config: Config, force: bool, is_main: bool = 
     last = latest_checkpoint(run_dir)
     saved = run_dir / "config.yaml"
     if last is not None and saved.exists():
-        previous = yaml.safe_load(saved.read_text()) or {}
+        try:
+            previous = yaml.safe_load(saved.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise MmtardError(f"{saved} is not valid YAML, so {run_dir} cannot be resumed safely; "
+                              "repair it or use another --out") from exc
         if _comparable(previous) != _comparable(to_dict(config)):
             raise MmtardError(
                 f"{run_dir} holds a run with a different config ({saved}); use another --out or --force")

@@ -51,7 +51,12 @@ class CleanTeacherCache(TeacherEmbeddingCache):
             mask[ids[missing]] = True
         self.hits += int((~missing).sum())
         self.misses += int(missing.sum())
-        return torch.from_numpy(np.ascontiguousarray(values[ids])).to(images.device)
+        rows = torch.from_numpy(np.ascontiguousarray(values[ids]))
+        if images.device.type == "cuda":
+            # A copy from pageable memory waits for the whole stream first (a host-device sync per
+            # step); from pinned memory it is queued like any kernel.
+            return rows.pin_memory().to(images.device, non_blocking=True)
+        return rows.to(images.device)
 
     def flush(self) -> None:
         for values, mask in self._tables.values():

@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from mmtard import checkpoint as ckpt
 from mmtard.config import Config, save_config, to_dict
-from mmtard.distributed import DistEnv, all_reduce_mean, barrier, init_distributed
+from mmtard.distributed import (DistEnv, all_gather_object, all_reduce_mean, barrier, env_world_size,
+                                 init_distributed, lost_ranks_reported, run_on_main)
 from mmtard.errors import ConfigError, MmtardError
 from mmtard.factory import (autocast_dtype, build_dataset, build_method, build_student, build_teachers,
                             resolve_device)
@@ -76,11 +77,18 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
 
 def epoch_indices(n: int, epoch: int, seed: int, env: DistEnv, micro: int) -> list[int]:
     """This rank's sample order for one epoch: a seeded permutation, sharded, cut to whole batches.
-    Recomputable from (seed, epoch) alone, which is what makes the data position resumable."""
+    Recomputable from (seed, epoch) alone, which is what makes the data position resumable.
+
+    The permutation is cut into micro-batches dealt round-robin to the ranks (micro-batch ``g``
+    goes to rank ``g % world``), so rank r's p-th micro-batch is global micro-batch ``p * world +
+    r``: a step of W ranks x A micro-batches covers exactly the W * A consecutive micro-batches a
+    single process with accumulation W * A would take, in the same compositions.
+    """
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(n, generator=generator).tolist()
-    shard = order[env.rank::env.world_size][: n // env.world_size]
-    return shard[: len(shard) // micro * micro]
+    span = micro * env.world_size
+    blocks = [order[i:i + micro] for i in range(0, n // span * span, micro)]
+    return [i for block in blocks[env.rank::env.world_size] for i in block]
 
 
 class Trainer:
@@ -90,14 +98,23 @@ class Trainer:
         self.config = config
         self.run_dir = Path(run_dir)
         self.device = resolve_device(config.train.device)
+        # checked before joining the process group: a refused batch never waits for a rendezvous
+        self.plan = BatchPlan.from_config(config.train.global_batch, config.train.micro_batch, env_world_size())
         self.env = init_distributed(self.device.type)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.env.local_rank)
         self.show_progress = show_progress and self.env.is_main
-        self.resume_from = prepare_run_dir(self.run_dir, config, force=force, is_main=self.env.is_main)
-        self.plan = BatchPlan.from_config(config.train.global_batch, config.train.micro_batch, self.env.world_size)
+        # Rank 0 alone clears (--force) and inspects DIR, then tells every rank which checkpoint to
+        # resume from: no rank races the clearing, and all load the same file (DIR is shared storage).
+        self.resume_from = run_on_main(prepare_run_dir, self.run_dir, config, force=force)
+        if self.env.is_main:
+            log.info("global batch %d = %d rank(s) x micro-batch %d x accumulation %d (per-rank batch %d)",
+                     config.train.global_batch, self.env.world_size, self.plan.micro_batch, self.plan.accumulation,
+                     self.plan.micro_batch * self.plan.accumulation)
         self.amp = autocast_dtype(config.train.precision, self.device)
-        torch.manual_seed(config.train.seed + self.env.rank)
+        # One seed on every rank while the models are built, so that randomly initialised ones are the
+        # same everywhere; the per-rank streams (augmentation, dropout) start after that.
+        torch.manual_seed(config.train.seed)
 
         self.dataset = build_dataset(config.data)
         if len(self.dataset) < self.plan.micro_batch * self.env.world_size:
@@ -106,6 +123,7 @@ class Trainer:
         self.student, reference = build_student(config, classnames, self.device)
         teachers = build_teachers(config, classnames, self.device)
         self.method = build_method(config, self.student, teachers, reference, self.amp)
+        torch.manual_seed(config.train.seed + self.env.rank)
         if config.train.clean_teacher_cache and not config.data.augment and teachers:
             self.method.clean_cache = CleanTeacherCache(self.run_dir / "cache" / "clean_teacher",
                                                         len(self.dataset), rank=self.env.rank)
@@ -118,6 +136,7 @@ class Trainer:
         self.method.student_forward = self._wrap_ddp(self.student)
         self.step = 0
         self.position = 0  # micro-batches this rank has consumed since the start
+        self.elapsed = 0.0  # training wall time over all sessions of this run (efficiency plots)
 
     # ------------------------------------------------------------------ set-up helpers
     def _wrap_ddp(self, student: nn.Module) -> nn.Module:
@@ -139,6 +158,7 @@ class Trainer:
         return {
             "step": self.step,
             "position": self.position,
+            "elapsed": self.elapsed,
             "student": {k: v.detach().cpu() for k, v in self._trainable_state().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -157,9 +177,21 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.method.load_state_dict_extra(state.get("method", {}))
         self.step, self.position = int(state["step"]), int(state["position"])
-        ckpt.set_rng_state(state["rng"])
-        if self.env.rank:  # per-rank streams must differ; restore the rank offset deterministically
-            torch.manual_seed(self.config.train.seed + self.env.rank + 7919 * self.step)
+        self.elapsed = float(state.get("elapsed", 0.0))
+        streams = state.get("rng_ranks") or [state["rng"]]
+        saved_world = int(state.get("world_size", 1))
+        if saved_world == self.env.world_size and len(streams) == saved_world:
+            ckpt.set_rng_state(streams[self.env.rank])  # each rank continues its own stream exactly
+        else:
+            # Another rank layout (or an old checkpoint): the data position is the same number of
+            # global batches; per-rank streams restart deterministically, so augmentation and dropout
+            # (not the attack noise, which is seeded per micro-batch) differ from an uninterrupted run.
+            log.warning("resuming a run of %d rank(s) on %d: same data position, fresh per-rank RNG streams",
+                        saved_world, self.env.world_size)
+            self.position = self.step * self.plan.accumulation
+            ckpt.set_rng_state(state["rng"])
+            if self.env.rank:
+                torch.manual_seed(self.config.train.seed + self.env.rank + 7919 * self.step)
 
     # ------------------------------------------------------------------ data
     def _batches(self):
@@ -243,6 +275,7 @@ class Trainer:
         forward = self.method.student_forward
         for micro in range(self.plan.accumulation):
             images, labels, indices = next(batches)
+            self.method.generator = self._attack_generator()
             self.position += 1
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
@@ -262,6 +295,13 @@ class Trainer:
         self.scheduler.step()
         sums["grad_norm"] = grad_norm.detach().float()
         return sums
+
+    def _attack_generator(self) -> torch.Generator:
+        """The training attack's random start for the next micro-batch, seeded by its global number
+        (``position * world + rank``, see :func:`epoch_indices`): the same noise on the same images
+        whatever the number of ranks, and nothing to restore on resume."""
+        number = self.position * self.env.world_size + self.env.rank
+        return torch.Generator(device=self.device).manual_seed(self.config.train.seed * 1_000_003 + number)
 
     def _step_terms(self, out: dict, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         terms = {k: v.detach().float() for k, v in out.items()
@@ -293,11 +333,16 @@ class Trainer:
         row = {n: v / steps for n, v in zip(names, values.cpu().tolist())}
         row["lr"] = self.scheduler.get_last_lr()[0]
         row["images_per_s"] = images / max(elapsed, 1e-9)
+        self.elapsed += elapsed
+        row["elapsed_s"] = self.elapsed
         return row
 
     def _save_checkpoint(self) -> None:
+        streams = all_gather_object(ckpt.rng_state()) if self.env.enabled else None
         if self.env.is_main:
             state = self.state_dict()
+            if streams is not None:
+                state["rng_ranks"] = streams
             ckpt.save_checkpoint(self.run_dir, self.step, state, keep=self.config.train.keep_checkpoints)
         if self.method.clean_cache is not None:
             self.method.clean_cache.flush()
@@ -322,4 +367,5 @@ class _null:
 
 def train(config: Config, run_dir: str | Path, force: bool = False, show_progress: bool = True) -> Path:
     """Train (or resume) the run described by ``config`` in ``run_dir``; returns the student file."""
-    return Trainer(config, run_dir, force=force, show_progress=show_progress).train()
+    with lost_ranks_reported("run the same command again to resume from the last checkpoint"):
+        return Trainer(config, run_dir, force=force, show_progress=show_progress).train()

@@ -18,6 +18,7 @@ from torch import nn
 from mmtard.attacks import PGDConfig, pgd
 from mmtard.errors import ConfigError
 from mmtard.models import CLIPClassifier
+from mmtard.speed import input_grad_only
 
 
 @dataclass
@@ -93,9 +94,12 @@ class Method(nn.Module):
         return [(i, t) for i, t in enumerate(self.teacher_list) if t.role == role]
 
     def attack(self, loss_fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
-        """PGD against the unwrapped student in eval mode (METHOD.md §2)."""
-        return pgd(loss_fn, images, self.attack_cfg, model=self.student,
-                   autocast_dtype=self.autocast_dtype, generator=self.generator)
+        """PGD against the unwrapped student in eval mode (METHOD.md §2). The student's weights are
+        frozen meanwhile: only the input gradient is wanted, and a compiled backward would otherwise
+        compute the weight gradients too (:func:`mmtard.speed.input_grad_only`)."""
+        with input_grad_only(self.student):
+            return pgd(loss_fn, images, self.attack_cfg, model=self.student,
+                       autocast_dtype=self.autocast_dtype, generator=self.generator)
 
     def student_logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.student_forward(images)

@@ -1,0 +1,158 @@
+"""The map-style dataset every file-based source builds on, and small shared helpers.
+
+Contract (other modules rely on it): ``dataset[i]`` is ``(image, target, i)`` where image is a
+float32 tensor 3xHxW in [0, 1], target is an int label or a caption string, and ``i`` is the index
+of the sample actually returned. Attributes: ``sample_ids`` (stable string id per index),
+``root``; classification sets also have ``classnames`` (index = label).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from mmtard.data.images import ImageTransform, SkipLog, corrupt_error, image_size_of, load_image
+from mmtard.errors import DataError
+
+
+def check_classnames(expected: Sequence[str], actual: Sequence[str], where: str) -> None:
+    """Raises DataError naming the first index where two class lists differ.
+
+    Args:
+        expected: class names the caller relies on (e.g. those of the text head).
+        actual: class names the dataset provides.
+        where: what is being checked, for the message (e.g. a dataset root).
+    """
+    for idx, (exp, act) in enumerate(zip(expected, actual)):
+        if exp != act:
+            raise DataError(
+                f"Class names of {where} differ at index {idx}: expected {exp!r}, got {act!r}."
+            )
+    if len(expected) != len(actual):
+        idx = min(len(expected), len(actual))
+        exp = expected[idx] if idx < len(expected) else "<none>"
+        act = actual[idx] if idx < len(actual) else "<none>"
+        raise DataError(
+            f"Class names of {where} differ at index {idx}: expected {exp!r}, got {act!r} "
+            f"({len(expected)} expected, {len(actual)} found)."
+        )
+
+
+def subsample_indices(n_total: int, n: int, seed: int) -> list[int]:
+    """A sorted, seeded choice of ``n`` distinct indices out of ``range(n_total)``.
+
+    ``n >= n_total`` returns every index. The same arguments give the same list on every
+    platform (Python's Mersenne twister, independent of numpy and torch).
+    """
+    if n_total < 0 or n < 0:
+        raise ValueError(f"n_total and n must be non-negative, got {n_total} and {n}")
+    if n >= n_total:
+        return list(range(n_total))
+    return sorted(random.Random(seed).sample(range(n_total), n))
+
+
+class ImageListDataset(Dataset):
+    """Images listed as files with one target each.
+
+    Unreadable files: with ``strict=False`` the sample is replaced by the next readable index
+    (wrapping around) and counted in :attr:`skip_log`; with ``strict=True`` a DataError names
+    the file. With ``image_size=None`` every image must have the size of the first one; a file of
+    another size raises a DataError naming it, in both modes, because that is a setup error.
+
+    Args:
+        root: folder the dataset was read from.
+        files: absolute image paths, in the stable order that defines the indices.
+        targets: one int label or caption per file.
+        sample_ids: stable string id per file (e.g. the path relative to ``root``).
+        image_size: None keeps native size; an int resizes the shorter side and centre-crops.
+        augment: random resized crop + horizontal flip (training only).
+        strict: raise on unreadable files instead of skipping them.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        files: Sequence[Path],
+        targets: Sequence,
+        sample_ids: Sequence[str],
+        image_size: int | None = None,
+        augment: bool = False,
+        strict: bool = False,
+    ):
+        if len(files) != len(targets) or len(files) != len(sample_ids):
+            raise ValueError("files, targets and sample_ids must have the same length")
+        self.root = Path(root)
+        self.files = [str(f) for f in files]  # str, not Path: several times smaller for ImageNet-sized lists
+        self.targets = list(targets)
+        self.sample_ids = list(sample_ids)
+        self.image_size = image_size
+        self.augment = augment
+        self.strict = strict
+        self.transform = ImageTransform(image_size, augment)
+        self.skip_log = SkipLog()
+        self._native_size = self._first_readable_size() if image_size is None else None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, object, int]:
+        n = len(self.files)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} samples")
+        index %= n
+        for offset in range(n):
+            i = (index + offset) % n
+            img = self._try_load(i)
+            if img is not None:
+                return self.transform(img), self.targets[i], i
+        raise DataError(f"No readable image in {self.root} ({n} files tried).")
+
+    def pop_skipped(self) -> tuple[int, list[str]]:
+        """Number and paths of files skipped since the last call, then resets them."""
+        return self.skip_log.pop()
+
+    def _try_load(self, i: int):
+        path = self.files[i]
+        try:
+            img = load_image(path)
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
+            if self.strict:
+                raise corrupt_error(path, exc) from exc
+            self.skip_log.record(path, f"{type(exc).__name__}: {exc}")
+            return None
+        if self._native_size is not None and img.size != self._native_size:
+            raise DataError(
+                f"Image {path} is {img.size[0]}x{img.size[1]} but the images of {self.root} are "
+                f"{self._native_size[0]}x{self._native_size[1]}; with image_size=None all images must "
+                "have the same size. Pass an image_size to resize them."
+            )
+        return img
+
+    def _first_readable_size(self) -> tuple[int, int] | None:
+        for path in self.files[:32]:
+            size = image_size_of(path)
+            if size is not None:
+                return size
+        return None
+
+    def verify_sizes(self) -> None:
+        """Reads every header now and raises a DataError naming the first file of another size."""
+        for path in self.files:
+            size = image_size_of(path)
+            if size is not None and self._native_size is not None and size != self._native_size:
+                raise DataError(
+                    f"Image {path} is {size[0]}x{size[1]} but the first image of {self.root} is "
+                    f"{self._native_size[0]}x{self._native_size[1]}; pass an image_size to resize."
+                )
+
+
+def require_dir(path: Path, layout: str) -> Path:
+    """Returns ``path`` if it is a folder, else raises a DataError showing ``layout``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"Dataset folder {path} does not exist. Expected layout: {layout}")
+    return path

@@ -1,0 +1,359 @@
+"""``mmtard demo``: the whole method end to end on the offline world, on a CPU, in minutes.
+
+Stages, each reused when the demo is re-run on the same folder:
+1. generate the offline world;
+2. pre-train two tiny CLIPs contrastively on its captions (teachers' base, students' base);
+3. train the clean teacher (clean_ft) and the robust teacher (PMG-AFT) from the teachers' base;
+4. distil students from the students' base with every method, same attack budget and steps,
+   plus the MMT-ARD ablations (METHOD.md §4);
+5. evaluate every model, clean and AutoAttack (APGD-CE + APGD-T) at two eps, on the
+   classification split and the world's zero-shot sets; robust accuracy of mmt_ard and ard at
+   intermediate checkpoints for the efficiency comparison;
+6. write results.json, report.md with figures, and print the table.
+
+Every stage's resolved config is written to ``DIR/configs/NAME.yaml``, so
+``mmtard distill --config DIR/configs/mmt_ard_paper.yaml --out OTHER`` replays one stage.
+The numbers compare rows within this small world; they are not ImageNet results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from mmtard import checkpoint as ckpt
+from mmtard.config import (AttackConfig, Config, DataConfig, MethodConfig, ModelConfig, TeacherConfig,
+                           TrainConfig, load_config, save_config)
+from mmtard.errors import MmtardError
+from mmtard.pretrain import PretrainConfig, pretrain_clip
+
+log = logging.getLogger(__name__)
+
+STUDENT_ARCH, TEACHER_ARCH = "mmtard-tiny-vit", "mmtard-small-vit"
+MARKER = "demo.json"
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Every size of the demo in one place; chosen once on the world's validation data.
+
+    The world's classes are colours, which survive small perturbations better than ImageNet
+    features do, so the demo trains and evaluates at larger radii (8/255) than the paper (2/255).
+    """
+
+    world_size: str = "demo"
+    pretrain_steps: int = 400
+    pretrain_batch: int = 128
+    teacher_steps: int = 250
+    student_steps: int = 150
+    batch: int = 32
+    lr: float = 5e-4
+    attack_steps: int = 5
+    train_eps: str = "8/255"
+    train_step: str = "2/255"
+    eval_eps: tuple[str, ...] = ("4/255", "8/255")
+    eval_iterations: int = 10
+    eval_samples: int = 100
+    efficiency_points: int = 3
+
+
+FULL = DemoPlan()
+QUICK = DemoPlan(world_size="quick", pretrain_steps=120, pretrain_batch=64, teacher_steps=40, student_steps=30,
+                 attack_steps=3, train_step="3/255", eval_samples=32, efficiency_points=2)
+
+# Students: row name -> method settings. Same attack budget and steps for all.
+STUDENTS: dict[str, dict] = {
+    "mmt_ard_paper": {"name": "mmt_ard", "recipe": "paper"},
+    "mmt_ard_release": {"name": "mmt_ard", "recipe": "release", "confidence": "cosine"},
+    "ard": {"name": "ard"},
+    "tecoa": {"name": "tecoa"},
+    "fare": {"name": "fare"},
+    "pmg_aft": {"name": "pmg_aft"},
+    "mtard": {"name": "mtard"},
+}
+ABLATIONS: dict[str, dict] = {
+    "ablation_no_confidence": {"name": "mmt_ard", "recipe": "paper", "use_confidence": False},
+    "ablation_no_balance": {"name": "mmt_ard", "recipe": "paper", "use_balance": False},
+    "ablation_no_clean_stream": {"name": "mmt_ard", "recipe": "paper", "use_clean": False},
+}
+
+
+def _check_out_dir(out: Path) -> None:
+    """Refuse before any work: a folder we cannot write, or one another command filled."""
+    if out.exists() and not out.is_dir():
+        raise MmtardError(f"demo folder {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists():
+        raise MmtardError(f"{out} is not empty and was not made by `mmtard demo`; choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-test").write_text("")
+        (out / ".write-test").unlink()
+    except OSError as exc:
+        raise MmtardError(f"cannot write to demo folder {out}: {exc.strerror or exc}") from exc
+
+
+def _stage(name: str) -> None:
+    log.info("=== %s ===", name)
+
+
+def _train_config(plan: DemoPlan, world: Path, arch: str, weights: Path, method: dict,
+                  teachers: list[TeacherConfig], seed: int, steps: int, adversarial: bool = True) -> Config:
+    return Config(
+        student=ModelConfig(arch, str(weights)),
+        teachers=teachers,
+        data=DataConfig(source="world", root=str(world), templates=["a photo of a {}."]),
+        attack=AttackConfig(eps=plan.train_eps, step_size=plan.train_step, steps=plan.attack_steps if adversarial else 0),
+        method=MethodConfig(**method),
+        train=TrainConfig(steps=steps, global_batch=plan.batch, lr=plan.lr, warmup_frac=0.1, seed=seed,
+                          log_every=max(1, steps // 10), ckpt_every=-(-steps // plan.efficiency_points),
+                          keep_checkpoints=plan.efficiency_points, device="cpu"),
+    )
+
+
+def _run_stage(out: Path, name: str, config: Config) -> Path:
+    """Write the stage's config, train it unless already finished, return the exported student."""
+    from mmtard.trainer import STUDENT_FILE, train
+
+    config_path = out / "configs" / f"{name}.yaml"
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    save_config(config, config_path)
+    run_dir = out / "runs" / name
+    if (run_dir / STUDENT_FILE).exists():
+        log.info("%s: finished earlier, reused", name)
+        return run_dir / STUDENT_FILE
+    _stage(f"train {name}")
+    return train(load_config(config_path), run_dir)
+
+
+def _checkpoint_students(out: Path, name: str) -> list[tuple[int, float, Path]]:
+    """Export the student of each kept checkpoint of a run, for robust accuracy against steps and
+    wall time (the paper's efficiency claim)."""
+    from mmtard.factory import build_student
+    from mmtard.lora import merged_copy
+    from mmtard.models import export_open_clip
+
+    run_dir = out / "runs" / name
+    config = load_config(run_dir / "config.yaml")
+    points = []
+    for step, path in ckpt.list_checkpoints(run_dir):
+        target = run_dir / "exported" / f"step_{step:08d}.safetensors"
+        state = ckpt.load_checkpoint(path)
+        if not target.exists():
+            student, _ = build_student(config, ["x"], torch.device("cpu"))
+            student.load_state_dict(state["student"], strict=False)
+            export_open_clip(merged_copy(student.clip), target)
+        points.append((step, float(state.get("elapsed", 0.0)), target))
+    return points
+
+
+def run_demo(out: Path, quick: bool = False, seeds: int = 1) -> dict:
+    """Run (or resume) the demo in ``out``; returns the results dict."""
+    from mmtard.world import generate_world, load_world
+
+    out = Path(out)
+    _check_out_dir(out)
+    plan = QUICK if quick else FULL
+    if seeds < 1:
+        raise MmtardError("--seeds must be >= 1")
+    marker = out / MARKER
+    if marker.exists():
+        previous = json.loads(marker.read_text())
+        if previous.get("plan") != _plan_dict(plan):
+            raise MmtardError(f"{out} holds a demo of another size (quick={not quick}); use another --out")
+    marker.write_text(json.dumps({"plan": _plan_dict(plan), "seeds": seeds}, indent=2))
+    started = time.perf_counter()
+
+    _stage("1. offline world")
+    world_dir = out / "world"
+    if not (world_dir / "world.json").exists():
+        generate_world(world_dir, seed=0, size=plan.world_size)
+    world = load_world(world_dir)
+
+    _stage("2. contrastive pre-training of the tiny CLIPs")
+    captions = world.captions()
+    student_base = pretrain_clip(captions, PretrainConfig(STUDENT_ARCH, plan.pretrain_steps, plan.pretrain_batch),
+                                 out / "pretrained" / "student_base.safetensors")
+    teacher_base = pretrain_clip(captions, PretrainConfig(TEACHER_ARCH, plan.pretrain_steps, plan.pretrain_batch),
+                                 out / "pretrained" / "teacher_base.safetensors")
+
+    _stage("3. teachers")
+    clean_teacher = _run_stage(out, "clean_teacher", _train_config(
+        plan, world_dir, TEACHER_ARCH, teacher_base, {"name": "clean_ft"}, [], 0, plan.teacher_steps, adversarial=False))
+    robust_teacher = _run_stage(out, "robust_teacher", _train_config(
+        plan, world_dir, TEACHER_ARCH, teacher_base, {"name": "pmg_aft"}, [], 0, plan.teacher_steps))
+    teachers = [TeacherConfig(TEACHER_ARCH, str(clean_teacher), "clean"),
+                TeacherConfig(TEACHER_ARCH, str(robust_teacher), "robust")]
+
+    _stage("4. students")
+    students: dict[str, list[Path]] = {}
+    for seed in range(seeds):
+        for row, method in {**STUDENTS, **(ABLATIONS if seed == 0 else {})}.items():
+            name = row if seed == 0 else f"{row}-seed{seed}"
+            roles = {"ard": ["robust"], "mmt_ard": ["clean", "robust"], "mtard": ["clean", "robust"]}
+            wanted = roles.get(method["name"], [])
+            config = _train_config(plan, world_dir, STUDENT_ARCH, student_base, method,
+                                   [t for t in teachers if t.role in wanted], seed, plan.student_steps)
+            students.setdefault(row, []).append(_run_stage(out, name, config))
+
+    _stage("5. evaluation")
+    results = _evaluate(out, plan, world_dir, student_base, clean_teacher, robust_teacher, students)
+    _stage("6. report")
+    report = _report(out, plan, results, students, seeds, time.perf_counter() - started)
+    print(_table_text(results, plan))
+    print(f"\nreport: {report}\nresults: {out / 'results.json'}")
+    return results
+
+
+def _plan_dict(plan: DemoPlan) -> dict:
+    return json.loads(json.dumps(asdict(plan)))
+
+
+def _evaluate(out: Path, plan: DemoPlan, world_dir: Path, student_base: Path, clean_teacher: Path,
+              robust_teacher: Path, students: dict[str, list[Path]]) -> dict:
+    from mmtard.autoattack import AttackSpec
+    from mmtard.evaluate import ModelEntry, run_eval, world_datasets
+
+    models = [ModelEntry("undefended", STUDENT_ARCH, str(student_base), undefended=True),
+              ModelEntry("clean_teacher", TEACHER_ARCH, str(clean_teacher)),
+              ModelEntry("robust_teacher", TEACHER_ARCH, str(robust_teacher))]
+    for row, files in students.items():
+        for i, path in enumerate(files):
+            models.append(ModelEntry(row if i == 0 else f"{row}-seed{i}", STUDENT_ARCH, str(path)))
+    spec = AttackSpec(name="apgd", iterations=plan.eval_iterations, n_target_classes=3)
+    datasets = world_datasets(world_dir)
+    results = run_eval(models, datasets, list(plan.eval_eps), attack=spec, n_samples=plan.eval_samples,
+                       batch_size=100, out_dir=out / "eval", seed=0, device="cpu")
+    efficiency = []
+    for row in ("mmt_ard_paper", "ard"):
+        for step, elapsed, path in _checkpoint_students(out, row):
+            efficiency.append((row, step, elapsed, ModelEntry(f"{row}@{step}", STUDENT_ARCH, str(path))))
+    eff_results = run_eval([e[3] for e in efficiency], [d for d in datasets if d.name == "world"],
+                           [plan.eval_eps[-1]], attack=spec, n_samples=plan.eval_samples, batch_size=100,
+                           out_dir=out / "eval_efficiency", seed=0, device="cpu")
+    results["efficiency"] = [
+        {"row": row, "step": step, "elapsed_s": elapsed,
+         "robust": eff_results["models"][entry.row]["datasets"]["world"]["robust"][plan.eval_eps[-1]]}
+        for row, step, elapsed, entry in efficiency
+    ]
+    return results
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _table_text(results: dict, plan: DemoPlan) -> str:
+    """A plain-text table of the main rows (mean over seeds where several)."""
+    eps = plan.eval_eps[-1]
+    lines = [f"{'row':<26} {'world clean':>12} {'world ' + eps:>14} {'zero-shot clean':>16} {'zero-shot ' + eps:>16}"]
+    for row, data in results["models"].items():
+        if "-seed" in row or "@" in row:
+            continue
+        world = data["datasets"].get("world", {})
+        avg = data.get("average", {})
+        lines.append(f"{row:<26} {world.get('clean', float('nan')):>12.1f} {world.get('robust', {}).get(eps, float('nan')):>14.1f} "
+                     f"{(avg.get('clean') or float('nan')):>16.1f} {(avg.get('robust') or {}).get(eps, float('nan')):>16.1f}")
+    return "\n".join(lines)
+
+
+def _report(out: Path, plan: DemoPlan, results: dict, students: dict[str, list[Path]], seeds: int,
+            seconds: float) -> Path:
+    from mmtard.report import run_report
+
+    runs = [out / "runs" / name for name in ("clean_teacher", "robust_teacher", "mmt_ard_paper", "ard")]
+    report = run_report([out / "eval", *runs], out)
+    summary = _demo_section(plan, results, students, seeds, seconds, out)
+    text = report.read_text()
+    report.write_text(summary + "\n" + text)
+    merged = json.loads((out / "eval" / "results.json").read_text())
+    merged["efficiency"] = results["efficiency"]
+    merged["demo"] = {"plan": _plan_dict(plan), "seeds": seeds, "seconds": round(seconds, 1)}
+    if seeds > 1:
+        merged["seed_summary"] = _seed_summary(results, students, plan)
+    (out / "results.json").write_text(json.dumps(merged, indent=2))
+    return report
+
+
+def _seed_summary(results: dict, students: dict[str, list[Path]], plan: DemoPlan) -> dict:
+    summary = {}
+    for row, files in students.items():
+        names = [row] + [f"{row}-seed{i}" for i in range(1, len(files))]
+        per = [results["models"][n] for n in names if n in results["models"]]
+        entry = {}
+        for key in ("clean",) + tuple(f"robust {e}" for e in plan.eval_eps):
+            def value(m):
+                world = m["datasets"]["world"]
+                return world["clean"] if key == "clean" else world["robust"][key.split()[1]]
+            entry[key] = _mean_std([value(m) for m in per])
+        summary[row] = entry
+    return summary
+
+
+def _demo_section(plan: DemoPlan, results: dict, students: dict[str, list[Path]], seeds: int, seconds: float,
+                  out: Path) -> str:
+    eps = plan.eval_eps[-1]
+    lines = [
+        "# mmtard demo", "",
+        "These numbers compare rows **within a small generated world** (24 drawn classes, "
+        f"{STUDENT_ARCH} students, {TEACHER_ARCH} teachers, all pre-trained here). They are not ImageNet results.", "",
+        f"Plan: {json.dumps(_plan_dict(plan))}; seeds: {seeds}; wall time {seconds:.0f} s.", "",
+        f"Evaluation: AutoAttack APGD-CE + APGD-T ({plan.eval_iterations} iterations each, 3 target classes) "
+        f"at {', '.join(plan.eval_eps)}, {plan.eval_samples} samples per set.", "",
+    ]
+    if seeds > 1:
+        summary = _seed_summary(results, students, plan)
+        keys = list(next(iter(summary.values())).keys())
+        lines += [f"## Classification split, mean ± std over {seeds} seeds", "",
+                  "| row | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        for row, entry in summary.items():
+            lines.append(f"| {row} | " + " | ".join(f"{m:.1f} ± {s:.1f}" for m, s in entry.values()) + " |")
+        lines.append("")
+    lines += ["## Ablation of the MMT-ARD switches (METHOD.md §4)", "",
+              f"| row | world clean | world robust {eps} | zero-shot avg clean | zero-shot avg robust {eps} |",
+              "|---|---|---|---|---|"]
+    for row in ["mmt_ard_paper", *ABLATIONS]:
+        data = results["models"].get(row)
+        if data:
+            world, avg = data["datasets"]["world"], data.get("average", {})
+            lines.append(f"| {row} | {world['clean']:.1f} | {world['robust'][eps]:.1f} | "
+                         f"{_fmt(avg.get('clean'))} | {_fmt((avg.get('robust') or {}).get(eps))} |")
+    lines += ["", "## Training efficiency: robust accuracy against steps and wall time", "",
+              f"| row | step | training wall time (s) | world robust {eps} |", "|---|---|---|---|"]
+    for point in results["efficiency"]:
+        lines.append(f"| {point['row']} | {point['step']} | {point['elapsed_s']:.1f} | {point['robust']:.1f} |")
+    figure = _plot_efficiency(results["efficiency"], out / "efficiency.png", eps)
+    lines += ["", f"![efficiency]({figure.name})", ""]
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def _plot_efficiency(points: list[dict], path: Path, eps: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for row in sorted({p["row"] for p in points}):
+        mine = sorted((p for p in points if p["row"] == row), key=lambda p: p["step"])
+        axes[0].plot([p["step"] for p in mine], [p["robust"] for p in mine], marker="o", label=row)
+        axes[1].plot([p["elapsed_s"] for p in mine], [p["robust"] for p in mine], marker="o", label=row)
+    axes[0].set_xlabel("training step")
+    axes[1].set_xlabel("training wall time (s)")
+    for ax in axes:
+        ax.set_ylabel(f"robust accuracy at {eps} (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,87 @@
+"""Speed helpers for the training step: ``torch.compile`` of the image towers and attacks that
+ask autograd for input gradients only. None of them changes the mathematics.
+
+* :func:`compile_method` compiles, in place (``nn.Module.compile``), the image tower of the
+  student, of every teacher and of the reference model. In place means the parameter names, the
+  checkpoints and the exported student are exactly those of an uncompiled run. It is switched on
+  by ``train.compile`` (see :func:`mmtard.factory.build_method`). The towers are the whole cost of
+  a step; the zero-shot head, the losses and the attack's update are small element-wise work left
+  in eager mode. Compilation happens lazily, at the first call of each (mode, shape, grad) variant:
+  the student compiles twice (the attack's eval-mode forward/backward at batch B and the update's
+  train-mode forward/backward at 2B), each frozen teacher once (no-grad forward at B).
+* :func:`input_grad_only` freezes a module's parameters while an attack runs. The attack wants the
+  gradient with respect to the perturbation only; eager autograd already skips the weight
+  gradients then, but a compiled backward (AOTAutograd) computes the gradient of every input that
+  required grad when it was traced, weights included. With the parameters frozen the compiled
+  backward is the input-gradient half only (half the backward matrix products), and eager mode
+  keeps fewer tensors alive. The gradient with respect to the input is the same, bit for bit.
+
+Channels-last is deliberately not used: in a ViT the only convolution is the patch embedding
+(a stride-P convolution, under 1 % of the FLOPs), and the transformer blocks work on [B, L, D]
+tensors that have no channels-last layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterator
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+#: compiled variants per code object: (train/eval) x (grad/no-grad) x shapes x models sharing the
+#: VisionTransformer code (the student and each teacher are separate guard entries)
+RECOMPILE_LIMIT = 64
+
+
+@contextlib.contextmanager
+def input_grad_only(module: nn.Module | None) -> Iterator[None]:
+    """Within the block, ``module``'s parameters do not require grad; restored afterwards exactly
+    as they were (frozen ones stay frozen)."""
+    if module is None:
+        yield
+        return
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def image_towers(method: nn.Module) -> list[nn.Module]:
+    """The image encoders a method runs each step: student, teachers, reference (if any)."""
+    towers = [method.student.clip.visual]
+    towers += [teacher.clip.visual for teacher in method.teachers]
+    if getattr(method, "reference", None) is not None:
+        towers.append(method.reference.clip.visual)
+    return towers
+
+
+def _raise_recompile_limit(limit: int = RECOMPILE_LIMIT) -> None:
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name) and getattr(dynamo_config, name) < limit:
+            setattr(dynamo_config, name, limit)
+
+
+def compile_method(method: nn.Module, backend: str = "inductor", mode: str | None = None,
+                   dynamic: bool | None = False) -> list[nn.Module]:
+    """Compile every image tower of ``method`` in place; returns the compiled modules.
+
+    ``dynamic=False``: the step sees a handful of fixed shapes (micro-batch B for the attack and
+    the teachers, 2B for the update), and static shapes give the faster kernels. Compilation is
+    lazy; its cost shows up in the first steps (the benchmark reports it separately).
+    """
+    _raise_recompile_limit()
+    towers = image_towers(method)
+    for tower in towers:
+        tower.compile(backend=backend, mode=mode, dynamic=dynamic)
+    log.info("torch.compile (%s%s) of %d image towers", backend, f", {mode}" if mode else "", len(towers))
+    return towers

@@ -1,0 +1,285 @@
+"""The catalogue of refusals: every kind of bad input the CLI can be given, each refused with exit
+code 2 and one line on stderr that names the culprit, with no traceback unless ``--debug``.
+
+Most cases fail while the config or the run folder is checked, in milliseconds; the ones that need
+models or a training step run a single tiny step on the test world.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mmtard.cli import main
+from mmtard.config import load_config, save_config
+from mmtard.errors import ConfigError
+from test_trainer import tiny_overrides
+
+
+def _refused(capsys, argv: list[str], *parts: str) -> str:
+    """Run the CLI in-process; check exit code 2, exactly one error line naming ``parts``, no traceback."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("mmtard ")]
+    assert len(lines) == 1 and ": error: " in lines[0], err
+    for part in parts:
+        assert part in lines[0], f"{part!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("student: {name: mmtard-tiny-vit}\n")
+    return path
+
+
+def _distill(config_file, out, world_dir, *extra: str, steps: int = 1) -> list[str]:
+    return ["-q", "distill", "--config", str(config_file), "--out", str(out),
+            *tiny_overrides(world_dir, steps=steps), *extra]
+
+
+# ----------------------------------------------------------------------------- the config
+CONFIG_CASES = {
+    "typo in a key": (["train.stpes=3"], ["unknown key 'stpes'", "Did you mean 'steps'?"]),
+    "typo in a section": (["trian.steps=3"], ["unknown key 'trian'", "Did you mean 'train'?"]),
+    "integer expected": (["train.steps=ten"], ["train.steps", "expected an integer", "'ten'"]),
+    "boolean expected": (["train.lora=maybe"], ["train.lora", "expected true or false", "'maybe'"]),
+    "number expected": (["train.lr=fast"], ["train.lr", "expected a number", "'fast'"]),
+    "list expected": (["data.templates=a photo"], ["data.templates", "expected a list"]),
+    "unknown method": (["method.name=mmtrad"], ["unknown method 'mmtrad'", "mmt_ard"]),
+    "eps in 0-255 units": (["attack.eps=8"], ["attack.eps", "outside [0, 1]", "Did you mean 8/255?"]),
+    "eps not a number": (["attack.eps=two"], ["attack.eps", "cannot read 'two'", "2/255"]),
+    "eps divided by zero": (["attack.eps=2/0"], ["attack.eps", "cannot read '2/0'"]),
+    "step size out of range": (["attack.step_size=1.5"], ["attack.step_size", "outside [0, 1]"]),
+    "unknown precision": (["train.precision=fp16"], ["train.precision", "'fp16'", "bf16"]),
+    "unknown recipe": (["method.recipe=fancy"], ["method.recipe", "'fancy'"]),
+    "unknown teacher role": (["teachers.0.role=evil"], ["teachers[0].role", "'evil'"]),
+    "negative teacher weight": (["teachers.0.weight=-1"], ["teachers[0].weight", "-1"]),
+    "method without its teachers": (["teachers=[]"], ["mmt_ard", "teacher with role"]),
+    "override without =": (["train.steps"], ["override 'train.steps'", "key=value"]),
+    "override of a missing list item": (["teachers.5.role=clean"], ["teachers.5.role", "list of 2"]),
+    "warm-up out of range": (["train.warmup_frac=1.5"], ["train.warmup_frac", "1.5"]),
+    "micro-batch not dividing the batch": (["train.micro_batch=3"],
+                                           ["train.micro_batch 3", "per-rank batch 8"]),
+    "unknown data source": (["data.source=lmdb"], ["data.source", "'lmdb'"]),
+    "empty data root": (["data.root="], ["data.root is empty"]),
+    "missing world": (["data.root=/nonexistent/world"], ["No world at /nonexistent/world", "mmtard world"]),
+    "missing image folder": (["data.source=imagefolder", "data.root=/nonexistent/images"],
+                             ["Dataset folder /nonexistent/images does not exist", "Expected layout"]),
+    "unknown architecture": (["student.name=ViT-B-33"], ["unknown open_clip model 'ViT-B-33'", "ViT-B-32"]),
+    "unknown pretrained tag": (["student.pretrained=laion9b"], ["'laion9b'", "neither a file nor a pretrained tag"]),
+    "missing teacher file": (["teachers.0.pretrained=/nonexistent/clean.safetensors"],
+                             ["weight file not found: /nonexistent/clean.safetensors"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_CASES))
+def test_config_refusals(case, config_file, world_dir, tmp_path, capsys):
+    extra, parts = CONFIG_CASES[case]
+    _refused(capsys, _distill(config_file, tmp_path / "run", world_dir, *extra), *parts)
+
+
+def test_config_file_refusals(tmp_path, capsys):
+    missing = tmp_path / "missing.yaml"
+    _refused(capsys, ["distill", "--config", str(missing), "--out", str(tmp_path / "r")],
+             f"config file not found: {missing}")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  steps: [1, 2\n")
+    _refused(capsys, ["distill", "--config", str(broken), "--out", str(tmp_path / "r")],
+             str(broken), "not valid YAML", "line 3")
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- train\n")
+    _refused(capsys, ["distill", "--config", str(listed), "--out", str(tmp_path / "r")],
+             str(listed), "top level must be a mapping")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("trian: {steps: 3}\n")
+    _refused(capsys, ["distill", "--config", str(typo), "--out", str(tmp_path / "r")],
+             str(typo), "unknown key 'trian'", "Did you mean 'train'?")
+    teacher_method = tmp_path / "teacher.yaml"
+    teacher_method.write_text("method: {name: ard}\nteachers: [{name: mmtard-tiny-vit}]\n")
+    _refused(capsys, ["train-teacher", "--config", str(teacher_method), "--out", str(tmp_path / "r")],
+             "train-teacher trains with", "'ard'", "mmtard distill")
+
+
+def test_debug_lets_the_traceback_through(config_file, tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'stpes'"):
+        main(["--debug", "distill", "--config", str(config_file), "--out", str(tmp_path / "r"), "train.stpes=3"])
+
+
+@pytest.mark.slow
+def test_a_fresh_process_prints_exactly_one_line_or_the_traceback_with_debug(tmp_path):
+    command = [sys.executable, "-m", "mmtard", "distill", "--config", str(tmp_path / "missing.yaml"),
+               "--out", str(tmp_path / "run")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    plain = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    debug = subprocess.Popen(command[:3] + ["--debug"] + command[3:], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    _, err = plain.communicate(timeout=120)
+    assert plain.returncode == 2
+    assert err == f"mmtard distill: error: config file not found: {tmp_path / 'missing.yaml'}\n"
+    _, err = debug.communicate(timeout=120)
+    assert debug.returncode == 1
+    assert "Traceback (most recent call last)" in err and "ConfigError: config file not found" in err
+
+
+# ----------------------------------------------------------------------------- the data
+def _image_folder(world_dir, root, per_class: int = 4, classes: int = 2):
+    """A small ImageFolder made of world images: ``classes`` x ``per_class`` PNG files."""
+    source = world_dir / "classification" / "train"
+    for name in sorted(os.listdir(source))[:classes]:
+        (root / name).mkdir(parents=True)
+        for image in sorted(os.listdir(source / name))[:per_class]:
+            shutil.copy(source / name / image, root / name / image)
+    return root
+
+
+def test_empty_class_folder(config_file, world_dir, tmp_path, capsys):
+    root = _image_folder(world_dir, tmp_path / "images")
+    (root / "zebra").mkdir()
+    _refused(capsys, _distill(config_file, tmp_path / "run", world_dir, "data.source=imagefolder",
+                              f"data.root={root}"),
+             f"Class folder {root / 'zebra'} has no image files")
+
+
+@pytest.mark.parametrize("damage,workers", [("truncated", 0), ("truncated", 1), ("not an image", 0)])
+def test_unreadable_image_with_strict_data(damage, workers, config_file, world_dir, tmp_path, capsys):
+    root = _image_folder(world_dir, tmp_path / "images")  # 8 images: one step of 8 reads them all
+    bad = sorted((root / sorted(os.listdir(root))[1]).iterdir())[2]
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"this is not a PNG file")
+    extra = ["data.source=imagefolder", f"data.root={root}", "data.strict=true", f"data.num_workers={workers}"]
+    _refused(capsys, _distill(config_file, tmp_path / "run", world_dir, *extra),
+             f"Cannot read image {bad}", "strict=False")
+
+
+def test_class_list_that_does_not_match_the_world(config_file, world_dir, tmp_path, capsys):
+    world = tmp_path / "world"
+    (world / "classification").mkdir(parents=True)
+    os.symlink(world_dir / "classification" / "train", world / "classification" / "train")
+    meta = json.loads((world_dir / "world.json").read_text())
+    names = meta["classification"]["classnames"]
+    names[0], names[1] = names[1], names[0]
+    (world / "world.json").write_text(json.dumps(meta))
+    _refused(capsys, _distill(config_file, tmp_path / "run", world_dir, f"data.root={world}"),
+             f"Class names of {world / 'classification' / 'train'} differ at index 0",
+             f"expected {names[0]!r}", f"got {names[1]!r}")
+
+
+# ----------------------------------------------------------------------------- models
+def test_teacher_weights_of_another_architecture(config_file, world_dir, tmp_path, capsys):
+    import open_clip
+    from safetensors.torch import save_file
+
+    from mmtard.models import register_tiny_models
+
+    register_tiny_models()
+    weights = tmp_path / "tiny.safetensors"
+    save_file(open_clip.create_model("mmtard-tiny-vit").state_dict(), str(weights))
+    line = _refused(capsys, _distill(config_file, tmp_path / "run", world_dir, f"teachers.0.pretrained={weights}"),
+                    str(weights), "does not match architecture 'mmtard-small-vit'", "in the file but")
+    assert line.count("shape") == 1 and line.count("(") >= 2  # both shapes are shown
+
+
+# ----------------------------------------------------------------------------- the run folder
+def test_output_folder_under_a_file(config_file, world_dir, tmp_path, capsys):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    _refused(capsys, _distill(config_file, blocker / "run", world_dir),
+             f"cannot write to output folder {blocker / 'run'}", "Not a directory")
+    _refused(capsys, _distill(config_file, blocker, world_dir), f"output path {blocker} exists and is not a folder")
+    _refused(capsys, ["world", "--out", str(blocker / "world"), "--size", "test"], str(blocker), "Not a directory")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through a read-only mode")
+def test_read_only_output_folder(config_file, world_dir, tmp_path, capsys):
+    parent = tmp_path / "read-only"
+    parent.mkdir()
+    parent.chmod(0o500)
+    try:
+        _refused(capsys, _distill(config_file, parent / "run", world_dir),
+                 f"cannot write to output folder {parent / 'run'}", "Permission denied")
+    finally:
+        parent.chmod(0o700)
+
+
+def test_run_folder_refusals(config_file, world_dir, tmp_path, capsys):
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    _refused(capsys, _distill(config_file, stranger, world_dir), str(stranger), "not an mmtard run folder")
+
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    (finished / "student.safetensors").write_bytes(b"")
+    _refused(capsys, _distill(config_file, finished, world_dir), str(finished), "finished run", "--force")
+
+    other = tmp_path / "other"
+    (other / "checkpoints").mkdir(parents=True)
+    (other / "checkpoints" / "step_00000001.pt").write_bytes(b"")
+    save_config(load_config(config_file, tiny_overrides(world_dir, **{"train.lr": 0.5})), other / "config.yaml")
+    _refused(capsys, _distill(config_file, other, world_dir), str(other), "different config")
+
+
+def test_damaged_checkpoint(config_file, world_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    save_config(load_config(config_file, tiny_overrides(world_dir, steps=2)), run / "config.yaml")
+    torch.save({"step": 1, "student": {"w": torch.zeros(1000)}}, run / "checkpoints" / "step_00000001.pt")
+    data = (run / "checkpoints" / "step_00000001.pt").read_bytes()
+    (run / "checkpoints" / "step_00000001.pt").write_bytes(data[: len(data) // 2])
+    _refused(capsys, _distill(config_file, run, world_dir, steps=2),
+             f"cannot read checkpoint {run / 'checkpoints' / 'step_00000001.pt'}", "Delete it")
+
+
+def test_disk_full_while_writing_a_checkpoint(config_file, world_dir, tmp_path, capsys, monkeypatch):
+    from mmtard.checkpoint import load_checkpoint
+
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("step") == 2:
+            f.write(b"\0" * 4096)  # part of the file made it to disk before the device filled up
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    run = tmp_path / "run"
+    target = run / "checkpoints" / "step_00000002.pt"
+    _refused(capsys, _distill(config_file, run, world_dir, steps=3),
+             f"cannot write {target}", "No space left on device", "run the same command again")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001.pt"]  # no temp file left
+    assert load_checkpoint(run / "checkpoints" / "step_00000001.pt")["step"] == 1
+
+    monkeypatch.setattr(torch, "save", real_save)  # space freed: the same command resumes and finishes
+    assert main(_distill(config_file, run, world_dir, steps=3)) == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002.pt", "step_00000003.pt"]
+
+
+# ----------------------------------------------------------------------------- eval and report
+def test_eval_and_report_refusals(world_dir, tmp_path, capsys):
+    out = str(tmp_path / "eval")
+    base = ["eval", "--out", out]
+    _refused(capsys, base + ["--model", "mmtard-tiny-vit", "--dataset", "imagenet"], "--dataset 'imagenet'",
+             "NAME=ROOT")
+    _refused(capsys, base + ["--model", "mmtard-tiny-vit", "--dataset", f"mnist={world_dir}"], "--dataset 'mnist'")
+    _refused(capsys, base + ["--dataset", f"world={world_dir}"], "at least one --model or --run")
+    _refused(capsys, base + ["--model", "mmtard-tiny-vit", "--dataset", f"world={world_dir}", "--attack", "fgsm"],
+             "--attack 'fgsm'")
+    _refused(capsys, base + ["--model", "a", "--model", "b", "--pretrained", "x.pt", "--dataset", f"world={world_dir}"],
+             "one --pretrained")
+    _refused(capsys, base + ["--run", str(tmp_path), "--dataset", f"world={world_dir}"], f"--run {tmp_path}",
+             "finished run folder")
+    _refused(capsys, base + ["--model", "mmtard-tiny-vit", "--dataset", "world=/nonexistent/world"],
+             "No world at /nonexistent/world")
+    _refused(capsys, ["report", str(tmp_path / "nothing"), "--out", str(tmp_path / "rep")],
+             f"report input {tmp_path / 'nothing'} does not exist")

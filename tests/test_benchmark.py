@@ -1,0 +1,41 @@
+"""The throughput benchmark runs end to end on tiny models and prints every field (not speed)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_throughput.py"
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_prints_every_field(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MMTARD_CACHE_DIR=str(tmp_path / "cache"))
+    args = [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--steps", "1", "--warmup", "1",
+            "--ref-steps", "1", "--pgd-steps", "2", "--eval", "--eval-n", "4", "--eval-iterations", "2",
+            "--check"]
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            _, name, *fields = line.split()
+            results[name] = dict(f.split("=", 1) for f in fields)
+    assert "failed" not in " ".join(results), proc.stdout
+    for name in ("reference", "mmtard_eager_nocache", "mmtard_eager_cache"):
+        for key in ("images_per_s", "s_per_step", "peak_mem_GiB"):
+            assert key in results[name], (name, key)
+        assert float(results[name]["images_per_s"]) > 0
+    for name in ("mmtard_eager_nocache", "mmtard_eager_cache"):
+        for key in ("ratio_b_over_a", "gflop_per_image", "fraction_of_peak"):
+            assert key in results[name], (name, key)
+    assert float(results["flops_nocache"]["gflop_per_step"]) > float(results["flops_cache"]["gflop_per_step"]) > 0
+    assert float(results["autoattack"]["images_per_s"]) > 0
+    assert {"clean_teacher_s", "attack_s", "robust_teacher_s", "student_update_s"} <= set(results["breakdown_eager"])
+    assert "loss_fp32" in results["check_eager"]
+    assert re.search(r"\(b\) eager +cache", proc.stdout)

@@ -1,0 +1,62 @@
+"""`mmtard demo --quick` end to end, as a new user runs it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mmtard.cli import main
+from mmtard.demo import STUDENTS
+
+ADVERSARIAL_STUDENTS = [row for row in STUDENTS]
+ROWS = ["undefended", "clean_teacher", "robust_teacher", *STUDENTS]
+
+
+def _robust_total(row: dict) -> float:
+    return sum(v for d in row["datasets"].values() for v in d["robust"].values())
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    assert main(["-q", "demo", "--quick", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_quick_demo_results(quick_demo):
+    from mmtard.results import validate_results
+
+    results = json.loads((quick_demo / "results.json").read_text())
+    validate_results(results)
+    models = results["models"]
+    for row in ROWS:
+        assert row in models, row
+        for name, data in models[row]["datasets"].items():
+            assert set(data["robust"]) == {"4/255", "8/255"}
+            for eps, value in data["robust"].items():
+                assert value <= data["clean"], (row, name, eps)
+    undefended = _robust_total(models["undefended"])
+    for row in ADVERSARIAL_STUDENTS:
+        assert _robust_total(models[row]) > undefended, row
+    assert results["efficiency"], "efficiency points of mmt_ard_paper and ard"
+    report = (quick_demo / "report.md").read_text()
+    assert "not ImageNet results" in report and "Ablation" in report
+    assert (quick_demo / "efficiency.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_quick_demo_reuses_finished_stages_and_replays_a_stage(quick_demo, tmp_path):
+    before = (quick_demo / "runs" / "ard" / "student.safetensors").stat().st_mtime_ns
+    assert main(["-q", "demo", "--quick", "--out", str(quick_demo)]) == 0
+    assert (quick_demo / "runs" / "ard" / "student.safetensors").stat().st_mtime_ns == before
+    config = quick_demo / "configs" / "mmt_ard_paper.yaml"
+    assert main(["-q", "distill", "--config", str(config), "--out", str(tmp_path / "replay"), "train.steps=2"]) == 0
+    assert (tmp_path / "replay" / "student.safetensors").exists()
+
+
+def test_demo_refuses_a_folder_from_another_command(tmp_path, capsys):
+    (tmp_path / "other.txt").write_text("not a demo")
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 2
+    assert "not empty" in capsys.readouterr().err

@@ -1,0 +1,163 @@
+"""torchrun on CPU: two gloo processes against one, through the real launcher and CLI.
+
+The runs go through ``python -m torch.distributed.run --standalone --nproc_per_node=2 -m mmtard ...``
+(``--standalone`` picks a free rendezvous port) and are compared with a single process. One
+distributed training run serves two tests: its rank 1 dies after the step-2 checkpoint and the
+run is launched again, so it checks the dead-rank path, resumption and equivalence at once.
+
+Stated tolerance for training: with the same global batch and seed, 2 ranks x micro-batch 4 and one
+process x micro-batch 4 x accumulation 2 see the same micro-batches (epoch_indices deals them
+round-robin), draw the same attack noise (seeded per global micro-batch) and average the same two
+gradients, so losses and weights agree to atol 1e-6 / rtol 1e-5 (float reduction order is the only
+possible difference; on CPU they come out bitwise equal). Evaluation must match exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmtard.autoattack import AttackSpec
+from mmtard.checkpoint import list_checkpoints, load_checkpoint
+from mmtard.cli import main
+from mmtard.config import load_config
+from mmtard.evaluate import ModelEntry, run_eval, world_datasets
+from mmtard.models import ModelSpec, create_clip, export_open_clip
+from mmtard.trainer import Trainer
+from test_trainer import tiny_overrides
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+STEPS = 4
+TOLERANCE = dict(atol=1e-6, rtol=1e-5)
+# Rank 1 dies right after the step-2 checkpoint, as a crashed or pre-empted worker would.
+_DIE_AFTER_STEP_2 = """
+import os, sys
+from mmtard import trainer
+from mmtard.cli import main
+
+save = trainer.Trainer._save_checkpoint
+
+def save_then_die(self):
+    save(self)
+    if self.step == 2 and self.env.rank == 1:
+        os._exit(17)
+
+trainer.Trainer._save_checkpoint = save_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _torchrun(*args: str, script: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    target = [str(script)] if script else ["-m", "mmtard"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *target,
+               "-q", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MMTARD_DIST_TIMEOUT": "60"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
+
+
+def _distill(world_dir, tmp_path: Path, out: Path, script: Path | None = None, **extra) -> subprocess.CompletedProcess:
+    config = tmp_path / "c.yaml"
+    config.write_text("student: {name: mmtard-tiny-vit}\n")
+    overrides = tiny_overrides(world_dir, steps=STEPS, **extra)
+    return _torchrun("distill", "--config", str(config), "--out", str(out), *overrides, script=script)
+
+
+def _losses(run: Path) -> list[float]:
+    return [float(row["loss"]) for row in csv.DictReader(open(run / "metrics.csv"))]
+
+
+@pytest.fixture(scope="module")
+def relaunched_run(world_dir, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A 2-rank run whose rank 1 dies after the step-2 checkpoint, then launched again to the end."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    script = tmp / "die.py"
+    script.write_text(_DIE_AFTER_STEP_2)
+    died = _distill(world_dir, tmp, tmp / "run", script=script)
+    assert [step for step, _ in list_checkpoints(tmp / "run")] == [1, 2]
+    resumed = _distill(world_dir, tmp, tmp / "run")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return tmp / "run", died
+
+
+def test_a_dead_rank_stops_the_others_and_relaunching_resumes(relaunched_run):
+    run, died = relaunched_run
+    assert died.returncode != 0, "torchrun reports the failed worker"
+    assert "exitcode  : 17" in died.stderr
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == list(range(1, STEPS + 1)), "rows after the checkpoint are logged once"
+    assert (run / "student.safetensors").exists()
+
+
+def test_two_ranks_match_one_process_with_accumulation(relaunched_run, world_dir, tmp_path):
+    """Global batch 8: 2 ranks x micro 4 there, 1 process x micro 4 x accumulation 2 here. The
+    distributed run was interrupted at step 2 and resumed, which must not show either."""
+    run, _ = relaunched_run
+    config = load_config(None, tiny_overrides(world_dir, steps=STEPS))
+    single = Trainer(config, tmp_path / "single", show_progress=False)
+    assert (single.plan.micro_batch, single.plan.accumulation) == (4, 2)
+    single.train()
+    info = json.loads((run / "run.json").read_text())
+    assert (info["world_size"], info["micro_batch"], info["accumulation"]) == (2, 4, 1)
+
+    ddp_losses, single_losses = _losses(run), _losses(tmp_path / "single")
+    assert len(ddp_losses) == STEPS
+    torch.testing.assert_close(torch.tensor(ddp_losses), torch.tensor(single_losses), **TOLERANCE)
+    a = load_file(str(run / "student.safetensors"))
+    b = load_file(str(tmp_path / "single" / "student.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], **TOLERANCE)
+    # rank 0 wrote the checkpoints, with both ranks' RNG streams; each rank kept its own teacher cache
+    state = load_checkpoint(list_checkpoints(run)[-1][1])
+    assert state["world_size"] == 2 and len(state["rng_ranks"]) == 2
+    cache = sorted(p.name for p in (run / "cache" / "clean_teacher").iterdir())
+    assert cache == ["teacher0-rank0.f32", "teacher0-rank0.mask", "teacher0-rank1.f32", "teacher0-rank1.mask"]
+
+
+def test_global_batch_not_divisible_by_world_size_is_refused(world_dir, tmp_path, monkeypatch, capsys):
+    # what torchrun sets for rank 0 of 2; the batch is checked before joining the process group
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    (tmp_path / "c.yaml").write_text("student: {name: mmtard-tiny-vit}\n")
+    out = tmp_path / "run"
+    code = main(["-q", "distill", "--config", str(tmp_path / "c.yaml"), "--out", str(out),
+                 *tiny_overrides(world_dir, **{"train.global_batch": 9})])
+    assert code == 2
+    assert ("train.global_batch 9 is not divisible by the world size 2; nearest valid values: 8 or 10"
+            in capsys.readouterr().err)
+    assert not out.exists(), "refused before touching the run folder"
+
+
+def test_distributed_evaluation_gives_the_single_process_numbers(world_dir, tmp_path):
+    weights = export_open_clip(create_clip(ModelSpec("mmtard-tiny-vit")), tmp_path / "tiny.safetensors")
+    # 20 samples in batches of 4: five batches, so the second round leaves rank 1 idle
+    args = ["--model", "mmtard-tiny-vit", "--pretrained", str(weights), "--name", "tiny",
+            "--dataset", f"world-shapes={world_dir}", "--dataset", f"world-colors={world_dir}",
+            "--attack", "pgd", "--iterations", "3", "--eps", "1/255,4/255", "--n-samples", "20",
+            "--batch-size", "4", "--seed", "3"]
+    done = _torchrun("eval", *args, "--out", str(tmp_path / "ddp"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("results written") == 1, "only rank 0 reports"
+
+    single = run_eval([ModelEntry("tiny", "mmtard-tiny-vit", str(weights))],
+                      world_datasets(world_dir, sets=["world-shapes", "world-colors"]), ["1/255", "4/255"],
+                      AttackSpec(name="pgd", iterations=3), n_samples=20, batch_size=4, seed=3,
+                      out_dir=tmp_path / "single", progress=False)
+    ddp = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    assert ddp["models"] == json.loads(json.dumps(single["models"]))
+    for name in ("world-shapes", "world-colors"):
+        a = json.loads((tmp_path / "ddp" / "samples" / "tiny" / f"{name}.json").read_text())
+        b = json.loads((tmp_path / "single" / "samples" / "tiny" / f"{name}.json").read_text())
+        for key in ("indices", "sample_ids", "labels", "clean", "robust", "messages"):
+            assert a[key] == b[key], key
+        assert all(v is not None for v in a["clean"])

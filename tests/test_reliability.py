@@ -1,0 +1,113 @@
+"""No silent divergence, and no code execution from a file: gradients that go non-finite stop the
+run before another checkpoint is written; a pickle that runs code on load is refused, as a
+checkpoint and as a teacher's weights, and never runs."""
+
+from __future__ import annotations
+
+import builtins
+import pickle
+
+import pytest
+import torch
+
+from mmtard import checkpoint as ckpt
+from mmtard.cli import main
+from mmtard.config import load_config, save_config
+from mmtard.errors import MmtardError
+from mmtard.trainer import DivergenceError, Trainer
+from test_trainer import tiny_overrides
+
+
+def test_non_finite_gradients_stop_the_run_and_keep_the_last_good_checkpoint(world_dir, tmp_path):
+    run = tmp_path / "run"
+    trainer = Trainer(load_config(None, tiny_overrides(world_dir, steps=5)), run, show_progress=False)
+    weight = next(p for p in trainer.student.clip.visual.parameters() if p.requires_grad)
+    # The loss stays finite; only the gradient of one student weight blows up, during step 3.
+    weight.register_hook(lambda grad: grad * float("inf") if trainer.step == 2 else grad)
+
+    with pytest.raises(DivergenceError) as caught:
+        trainer.train()
+    message = str(caught.value)
+    assert "by step 3" in message and "non-finite gradients" in message
+    assert "loss" not in message.split("non-finite", 1)[1].split(".", 1)[0]  # the loss terms were fine
+    assert message.endswith(str(run / "checkpoints" / "step_00000002.pt"))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001.pt", "step_00000002.pt"]
+    assert not (run / "student.safetensors").exists()
+    kept = ckpt.load_checkpoint(run / "checkpoints" / "step_00000002.pt")
+    assert kept["step"] == 2 and all(torch.isfinite(v).all() for v in kept["student"].values())
+
+
+class _WritesMarker:
+    """Unpickling this object opens (creates) a file: stands for any code a pickle can run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return builtins.open, (self.marker, "w")
+
+
+def _plant(path, marker, fmt):
+    payload = {"step": 1, "student": _WritesMarker(marker)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "torch":
+        torch.save(payload, path)
+    else:
+        with open(path, "wb") as handle:
+            pickle.dump(payload, handle, protocol=2)
+
+
+def _prove_the_payload_is_live(path, marker, fmt):
+    """The planted file really runs code under a plain unpickler (else the test proves nothing)."""
+    assert not marker.exists()
+    if fmt == "torch":
+        torch.load(path, weights_only=False)
+    else:
+        with open(path, "rb") as handle:
+            pickle.load(handle)
+    assert marker.exists()
+    marker.unlink()
+
+
+@pytest.mark.parametrize("fmt", ["torch", "pickle"])
+def test_a_planted_checkpoint_that_runs_code_is_refused_and_never_run(world_dir, tmp_path, capsys, fmt):
+    run, marker = tmp_path / "run", tmp_path / "PWNED"
+    overrides = tiny_overrides(world_dir, steps=3)
+    config = tmp_path / "c.yaml"
+    config.write_text("{}\n")
+    run.mkdir()
+    save_config(load_config(config, overrides), run / "config.yaml")  # so that DIR is resumed
+    planted = run / "checkpoints" / "step_00000002.pt"
+    _plant(planted, marker, fmt)
+
+    assert main(["-q", "distill", "--config", str(config), "--out", str(run), *overrides]) == 2
+    err = capsys.readouterr().err
+    assert not marker.exists()
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("mmtard distill: error: refusing to load checkpoint") and "Traceback" not in err
+    for part in (str(planted), "arbitrary unpickling", "can execute code", "weights_only=True",
+                 "If you trust the file, convert it once", "torch.load(path, weights_only=False)"):
+        assert part in line
+    with pytest.raises(MmtardError, match="refusing to load checkpoint"):
+        ckpt.load_checkpoint(planted)
+    assert not marker.exists()
+    _prove_the_payload_is_live(planted, marker, fmt)
+
+
+@pytest.mark.parametrize("fmt", ["torch", "pickle"])
+def test_a_teacher_file_that_runs_code_is_refused_and_never_run(world_dir, tmp_path, capsys, fmt):
+    marker, weights = tmp_path / "PWNED", tmp_path / "teacher.pt"
+    _plant(weights, marker, fmt)
+    config = tmp_path / "c.yaml"
+    config.write_text("{}\n")
+    overrides = tiny_overrides(world_dir, steps=1, **{"teachers.0.pretrained": str(weights)})
+
+    assert main(["-q", "distill", "--config", str(config), "--out", str(tmp_path / "run"), *overrides]) == 2
+    err = capsys.readouterr().err
+    assert not marker.exists()
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("mmtard distill: error: refusing to load") and "Traceback" not in err
+    for part in (str(weights), "arbitrary unpickling", "can execute code", "If you trust the file, convert it",
+                 "safetensors"):
+        assert part in line
+    _prove_the_payload_is_live(weights, marker, fmt)

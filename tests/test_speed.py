@@ -1,0 +1,94 @@
+"""Speed changes keep the mathematics: bf16 autocast and torch.compile give the fp32 step's loss
+within bf16 tolerance, frozen-weight attacks give the same input gradient, and train.compile is
+wired in."""
+
+from __future__ import annotations
+
+import torch
+
+from mmtard.attacks import PGDConfig, pgd
+from mmtard.config import load_config
+from mmtard.speed import compile_method, image_towers, input_grad_only
+from mmtard.trainer import Trainer
+
+TEACHERS = "teachers=[{name: mmtard-small-vit, role: clean}, {name: mmtard-small-vit, role: robust}]"
+
+
+def _overrides(world_dir, **extra):
+    items = {"data.root": str(world_dir), "method.name": "mmt_ard", "train.steps": 2, "train.global_batch": 6,
+             "train.device": "cpu", "train.log_every": 1, "train.ckpt_every": 100, "attack.steps": 0,
+             "train.clean_teacher_cache": "false", "train.warmup_frac": 0.0}
+    items.update(extra)
+    return [TEACHERS] + [f"{k}={v}" for k, v in items.items()]
+
+
+def _batch(trainer, n=6):
+    return next(iter(torch.utils.data.DataLoader(trainer.dataset, batch_size=n)))
+
+
+def _step_loss(trainer, batch):
+    """The loss of one real ``Trainer._train_step`` on ``batch`` (attack noise seeded)."""
+    torch.manual_seed(123)
+    sums = trainer._train_step(iter([batch]), {})
+    return sums["loss"]
+
+
+def test_bf16_step_gives_the_fp32_loss(world_dir, tmp_path):
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        trainer = Trainer(load_config(None, _overrides(world_dir, **{"train.precision": precision})),
+                          tmp_path / precision, show_progress=False)
+        trainer.method.train()
+        losses[precision] = _step_loss(trainer, _batch(trainer))
+    assert trainer.amp == torch.bfloat16
+    torch.testing.assert_close(losses["bf16"], losses["fp32"], rtol=5e-2, atol=1e-4)
+
+
+def test_compiled_step_gives_the_eager_loss(world_dir, tmp_path):
+    """Same weights, same batch, same attack noise: eager fp32 vs compiled (dynamo + AOTAutograd;
+    the inductor code generation itself is exercised by the GPU benchmark) with 2 PGD steps."""
+    config = load_config(None, _overrides(world_dir, **{"attack.steps": 2, "train.precision": "fp32"}))
+    trainer = Trainer(config, tmp_path / "run", show_progress=False)
+    trainer.method.train()
+    batch = _batch(trainer)
+    names = sorted(trainer.student.state_dict())
+    torch.manual_seed(7)
+    eager = trainer.method(*batch)["loss"].detach()
+    compile_method(trainer.method, backend="aot_eager")
+    torch.manual_seed(7)
+    compiled = trainer.method(*batch)["loss"].detach()
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
+    assert sorted(trainer.student.state_dict()) == names  # in place: checkpoints and exports unchanged
+    torch.manual_seed(7)
+    sums = trainer._train_step(iter([batch]), {})  # and the full step (backward, AdamW) runs compiled
+    assert torch.isfinite(sums["loss"]) and torch.isfinite(sums["grad_norm"])
+
+
+def test_train_compile_switch_compiles_every_image_tower(world_dir, tmp_path):
+    on = Trainer(load_config(None, _overrides(world_dir, **{"train.compile": "true"})), tmp_path / "on",
+                 show_progress=False)
+    towers = image_towers(on.method)
+    assert len(towers) == 3 and all(t._compiled_call_impl is not None for t in towers)
+    off = Trainer(load_config(None, _overrides(world_dir)), tmp_path / "off", show_progress=False)
+    assert all(t._compiled_call_impl is None for t in image_towers(off.method))
+
+
+def test_frozen_weight_attack_gives_the_same_input_gradient_and_restores_flags():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 5))
+    model[1].bias.requires_grad_(False)  # a frozen parameter must stay frozen afterwards
+    x = torch.rand(4, 3, 8, 8)
+    cfg = PGDConfig(eps=8 / 255, step_size=2 / 255, steps=3)
+    runs = []
+    for frozen in (False, True):
+        generator = torch.Generator().manual_seed(1)
+        loss = lambda z: model(z).logsumexp(-1)  # noqa: E731
+        if frozen:
+            with input_grad_only(model):
+                assert not any(p.requires_grad for p in model.parameters())
+                runs.append(pgd(loss, x, cfg, model=model, generator=generator))
+        else:
+            runs.append(pgd(loss, x, cfg, model=model, generator=generator))
+    assert torch.equal(runs[0], runs[1])
+    assert model[1].weight.requires_grad and not model[1].bias.requires_grad
+    assert model[1].weight.grad is None
