@@ -26,7 +26,7 @@ Every result line starts with ``RESULT`` and holds ``key=value`` fields.
 from __future__ import annotations
 
 import argparse
-import contextlib
+
 import itertools
 import logging
 import os

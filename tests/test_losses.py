@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
+from mmtard.mtard_balance import MtardBalancer
 from mmtard.losses import (
-    MtardBalancer,
     ard_loss,
     clean_ft_loss,
     confidence,

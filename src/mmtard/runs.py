@@ -16,7 +16,7 @@ import yaml
 
 from mmtard.checkpoint import latest_checkpoint
 from mmtard.config import Config, to_dict
-from mmtard.errors import ConfigError, MmtardError
+from mmtard.errors import MmtardError
 
 FINISHED_MARKER = "student.safetensors"
 _IGNORED_ON_COMPARE = {("train", "steps"), ("train", "log_every"), ("train", "ckpt_every"),

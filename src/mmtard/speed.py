@@ -27,7 +27,6 @@ import contextlib
 import logging
 from typing import Iterator
 
-import torch
 from torch import nn
 
 log = logging.getLogger(__name__)

@@ -13,9 +13,8 @@ import torch
 from mmtard import losses
 from mmtard.errors import ConfigError
 from mmtard.methods.base import Method
-from mmtard.methods.distill import (attack_targets, clean_teacher_outputs, distillation_attack,
-                                    teacher_outputs, weighted_confidence, weighted_kl,
-                                    weighted_kl_elementwise)
+from mmtard.methods.distill import (attack_targets, distillation_attack, teacher_outputs, weighted_confidence,
+                                    weighted_kl, weighted_kl_elementwise)
 
 
 class MMTARD(Method):

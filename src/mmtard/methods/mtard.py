@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from mmtard import losses
 from mmtard.distributed import all_reduce_mean
 from mmtard.methods.base import Method
+from mmtard.mtard_balance import MtardBalancer
 from mmtard.methods.distill import attack_targets, distillation_attack, teacher_outputs, _weights
 
 
@@ -24,7 +24,7 @@ class MTARD(Method):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.balancer = losses.MtardBalancer(eta_tau=self.cfg.mtard_eta_tau, eta_w=self.cfg.mtard_eta_w)
+        self.balancer = MtardBalancer(eta_tau=self.cfg.mtard_eta_tau, eta_w=self.cfg.mtard_eta_w)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> dict:
         clean_out = attack_targets(self, images, indices)
