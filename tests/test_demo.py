@@ -19,8 +19,15 @@ def _robust_total(row: dict) -> float:
 
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
+    import torch
+
     out = tmp_path_factory.mktemp("demo") / "demo"
-    assert main(["-q", "demo", "--quick", "--out", str(out)]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # as a user's run: the demo is the one test big enough to gain from it
+    try:
+        assert main(["-q", "demo", "--quick", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 

@@ -184,3 +184,46 @@ def test_mmt_ard_loss_falls_over_50_steps(world_dir, tmp_path):
     Trainer(load_config(None, overrides), tmp_path / "run", show_progress=False).train()
     losses_logged = [float(r["loss"]) for r in csv.DictReader(open(tmp_path / "run" / "metrics.csv"))]
     assert losses_logged[-1] < 0.7 * losses_logged[0]
+
+
+def test_three_and_one_teachers(world_dir, tmp_path):
+    """N teachers: two clean teachers with their own weights and one robust; ARD with a single one."""
+    three = ("teachers=[{name: mmtard-small-vit, role: clean, weight: 2.0}, "
+             "{name: mmtard-tiny-vit, role: clean, weight: 1.0}, {name: mmtard-small-vit, role: robust}]")
+    trainer = Trainer(load_config(None, tiny_overrides(world_dir, steps=1) + [three]), tmp_path / "a",
+                      show_progress=False)
+    assert [t.role for t in trainer.method.teacher_list] == ["clean", "clean", "robust"]
+    trainer.train()
+    one = "teachers=[{name: mmtard-small-vit, role: robust}]"
+    Trainer(load_config(None, tiny_overrides(world_dir, "ard", steps=1) + [one]), tmp_path / "b",
+            show_progress=False).train()
+    assert (tmp_path / "a" / "student.safetensors").exists() and (tmp_path / "b" / "student.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_one_step_of_the_paper_architectures_on_cpu(world_dir, tmp_path, monkeypatch):
+    """ViT-B-32 student (full and LoRA) with two ViT-L-14 teachers at 224 px, random weights, batch 2:
+    nothing in the loop may only work for tiny models."""
+    import mmtard.trainer
+
+    paper_teachers = ("teachers=[{name: ViT-L-14, role: clean}, {name: ViT-L-14, role: robust}]")
+    built = {}
+    real_build = mmtard.trainer.build_teachers
+
+    def build_once(*args):  # the two ViT-L-14 teachers are the slow part: build them for both runs once
+        if "teachers" not in built:
+            built["teachers"] = real_build(*args)
+        return built["teachers"]
+
+    monkeypatch.setattr(mmtard.trainer, "build_teachers", build_once)
+    for lora in ("false", "true"):
+        overrides = tiny_overrides(world_dir, steps=1, **{
+            "student.name": "ViT-B-32", "train.global_batch": 2, "train.micro_batch": 2, "attack.steps": 1,
+            "data.image_size": 224, "train.lora": lora, "train.clean_teacher_cache": "false"}) + [paper_teachers]
+        trainer = Trainer(load_config(None, overrides), tmp_path / f"lora-{lora}", show_progress=False)
+        assert trainer.student.image_size == (224, 224)
+        assert all(t.model.image_size == (224, 224) for t in trainer.method.teacher_list)
+        trainer.train()
+        rows = list(csv.DictReader(open(tmp_path / f"lora-{lora}" / "metrics.csv")))
+        assert len(rows) == 1 and torch.isfinite(torch.tensor(float(rows[0]["loss"])))
+        del trainer
