@@ -281,19 +281,37 @@ def _report(out: Path, plan: DemoPlan, results: dict, students: dict[str, list[P
     return report
 
 
+def _row_figures(model: dict, plan: DemoPlan) -> dict[str, float | None]:
+    """The figures one table row shows: classification clean/robust and the zero-shot average."""
+    world, average = model["datasets"]["world"], model.get("average") or {}
+    eps = plan.eval_eps[-1]
+    figures = {"world clean": world["clean"]}
+    figures.update({f"world {e}": world["robust"][e] for e in plan.eval_eps})
+    figures["zero-shot clean"] = average.get("clean")
+    figures[f"zero-shot {eps}"] = (average.get("robust") or {}).get(eps)
+    return figures
+
+
 def _seed_summary(results: dict, students: dict[str, list[Path]], plan: DemoPlan) -> dict:
+    """Per row: {figure: (mean, std, number of seeds)}; rows trained once have one seed."""
+    models = results["models"]
+    groups = {row: [row] for row in ("undefended", "clean_teacher", "robust_teacher")}
+    groups.update({row: [row] + [f"{row}-seed{i}" for i in range(1, len(files))] for row, files in students.items()})
     summary = {}
-    for row, files in students.items():
-        names = [row] + [f"{row}-seed{i}" for i in range(1, len(files))]
-        per = [results["models"][n] for n in names if n in results["models"]]
-        entry = {}
-        for key in ("clean",) + tuple(f"robust {e}" for e in plan.eval_eps):
-            def value(m):
-                world = m["datasets"]["world"]
-                return world["clean"] if key == "clean" else world["robust"][key.split()[1]]
-            entry[key] = _mean_std([value(m) for m in per])
-        summary[row] = entry
+    for row, names in groups.items():
+        per = [_row_figures(models[n], plan) for n in names if n in models]
+        if not per:
+            continue
+        summary[row] = {}
+        for key in per[0]:
+            values = [p[key] for p in per if p[key] is not None]
+            mean, std = _mean_std(values) if values else (float("nan"), 0.0)
+            summary[row][key] = (mean, std, len(values))
     return summary
+
+
+def _format_mean_std(mean: float, std: float, n: int) -> str:
+    return f"{mean:.1f} ± {std:.1f}" if n > 1 else f"{mean:.1f}"
 
 
 def _demo_section(plan: DemoPlan, results: dict, students: dict[str, list[Path]], seeds: int, seconds: float,
@@ -310,10 +328,11 @@ def _demo_section(plan: DemoPlan, results: dict, students: dict[str, list[Path]]
     if seeds > 1:
         summary = _seed_summary(results, students, plan)
         keys = list(next(iter(summary.values())).keys())
-        lines += [f"## Classification split, mean ± std over {seeds} seeds", "",
+        lines += [f"## Mean ± std over {seeds} seeds of the students' training", "",
+                  "The base models, the teachers and the ablations are trained once (no ±).", "",
                   "| row | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
         for row, entry in summary.items():
-            lines.append(f"| {row} | " + " | ".join(f"{m:.1f} ± {s:.1f}" for m, s in entry.values()) + " |")
+            lines.append(f"| {row} | " + " | ".join(_format_mean_std(*v) for v in entry.values()) + " |")
         lines.append("")
     if not plan.ablations:
         lines += ["The ablations of the MMT-ARD switches run in the full demo (without --quick).", ""]

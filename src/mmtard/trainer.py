@@ -11,6 +11,7 @@ Host-device syncs happen only at log and checkpoint intervals.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -280,7 +281,7 @@ class Trainer:
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             sync = micro == self.plan.accumulation - 1
-            context = forward.no_sync() if (self.env.enabled and not sync) else _null()
+            context = forward.no_sync() if (self.env.enabled and not sync) else contextlib.nullcontext()
             with context:
                 with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
                     out = self.method(images, labels, indices)
@@ -355,14 +356,6 @@ class Trainer:
             log.info("student written to %s", path)
         barrier()
         return path
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def train(config: Config, run_dir: str | Path, force: bool = False, show_progress: bool = True) -> Path:
