@@ -60,6 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", default="auto", help="train.precision of (b): auto (bf16 on GPU), bf16, fp32")
     p.add_argument("--compile", default="off", choices=["off", "on", "both"],
                    help="(b) with train.compile: off, on (compiled variants only), both")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode of the compiled variants, e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--no-reference", action="store_true", help="skip (a)")
     p.add_argument("--no-eager", action="store_true", help="skip the eager variants of (b)")
     p.add_argument("--check", action="store_true", help="compare the step's loss: fp32 vs bf16 (vs compiled)")
@@ -487,7 +489,8 @@ def main(argv=None) -> int:
             from mmtard.speed import compile_method
 
             t0 = time.perf_counter()
-            compile_method(trainer.method)  # what train.compile=true does in factory.build_method
+            # what train.compile=true (with train.compile_mode) does in factory.build_method
+            compile_method(trainer.method, mode=args.compile_mode)
             emit("compile_wrap", seconds=time.perf_counter() - t0)
             summary["compiled"] = stage("compiled", time_trainer_variants, args, trainer, timer, batches, "compiled",
                                         reference_ips, flops)

@@ -124,6 +124,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     clean_teacher_cache: bool = True
     compile: bool = False
+    compile_mode: str | None = None
 
 
 @dataclass

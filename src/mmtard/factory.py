@@ -103,5 +103,5 @@ def build_method(config: Config, student: CLIPClassifier, teachers: list[Teacher
     if config.train.compile:  # in place: parameter names, checkpoints and exports are unchanged
         from mmtard.speed import compile_method
 
-        compile_method(method)
+        compile_method(method, mode=config.train.compile_mode)
     return method
