@@ -111,3 +111,20 @@ def test_a_teacher_file_that_runs_code_is_refused_and_never_run(world_dir, tmp_p
                  "safetensors"):
         assert part in line
     _prove_the_payload_is_live(weights, marker, fmt)
+
+
+def test_disk_full_during_export_is_a_clean_error(tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    from mmtard.errors import ModelError
+    from mmtard.models import ModelSpec, create_clip, export_open_clip
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(ModelError, match="cannot write .*student.safetensors.*No space left"):
+        export_open_clip(create_clip(ModelSpec("mmtard-tiny-vit")), tmp_path / "student.safetensors")
+    assert list(tmp_path.iterdir()) == []

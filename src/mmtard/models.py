@@ -294,6 +294,11 @@ def export_open_clip(clip: nn.Module, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in clip.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, path)
+    try:
+        save_file(state, str(tmp))
+        os.replace(tmp, path)
+    except Exception as exc:  # OSError (disk full) or safetensors' own error type
+        tmp.unlink(missing_ok=True)
+        raise ModelError(f"cannot write {path}: {exc}; the checkpoints are intact, run the same command again "
+                         "once there is room") from exc
     return path
