@@ -227,3 +227,16 @@ def test_one_step_of_the_paper_architectures_on_cpu(world_dir, tmp_path, monkeyp
         rows = list(csv.DictReader(open(tmp_path / f"lora-{lora}" / "metrics.csv")))
         assert len(rows) == 1 and torch.isfinite(torch.tensor(float(rows[0]["loss"])))
         del trainer
+
+
+def test_confidence_auto_follows_the_recipe():
+    from mmtard.config import MethodConfig
+    from mmtard.methods.mmt_ard import MMTARD
+
+    def kind(**cfg):
+        method = MMTARD.__new__(MMTARD)
+        method.__dict__["cfg"] = MethodConfig(**cfg)
+        return method.confidence_kind
+
+    assert kind(recipe="release") == "cosine" and kind(recipe="paper") == "probability"
+    assert kind(recipe="release", confidence="probability") == "probability"

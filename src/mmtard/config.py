@@ -82,7 +82,7 @@ class MethodConfig:
 
     name: str = "mmt_ard"
     recipe: str = "paper"
-    confidence: str = "probability"
+    confidence: str = "auto"  # auto: cosine for the release recipe (as the code), probability for paper
     use_confidence: bool = True
     use_balance: bool = True
     use_clean: bool = True
@@ -277,8 +277,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"method.name: unknown method '{method.name}'. Valid: {', '.join(sorted(METHODS))}")
     if method.recipe not in ("paper", "release"):
         raise ConfigError(f"method.recipe: '{method.recipe}' is not one of paper, release")
-    if method.confidence not in ("cosine", "probability"):
-        raise ConfigError(f"method.confidence: '{method.confidence}' is not one of cosine, probability")
+    if method.confidence not in ("auto", "cosine", "probability"):
+        raise ConfigError(f"method.confidence: '{method.confidence}' is not one of auto, cosine, probability")
     for i, teacher in enumerate(config.teachers):
         if teacher.role not in ("clean", "robust"):
             raise ConfigError(f"teachers[{i}].role: '{teacher.role}' is not one of clean, robust")

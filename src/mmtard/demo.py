@@ -71,7 +71,7 @@ QUICK = DemoPlan(world_size="quick", pretrain_steps=100, pretrain_batch=64, teac
 # Students: row name -> method settings. Same attack budget and steps for all.
 STUDENTS: dict[str, dict] = {
     "mmt_ard_paper": {"name": "mmt_ard", "recipe": "paper"},
-    "mmt_ard_release": {"name": "mmt_ard", "recipe": "release", "confidence": "cosine"},
+    "mmt_ard_release": {"name": "mmt_ard", "recipe": "release"},
     "ard": {"name": "ard"},
     "tecoa": {"name": "tecoa"},
     "fare": {"name": "fare"},

@@ -32,8 +32,16 @@ class MMTARD(Method):
         for role in sorted(needed - roles):
             raise ConfigError(f"method 'mmt_ard' needs a teacher with role '{role}'; the config has {sorted(roles) or 'none'}")
 
+    @property
+    def confidence_kind(self) -> str:
+        """``auto`` follows the recipe: the release's raw cosine, the paper reading's probability."""
+        if self.cfg.confidence != "auto":
+            return self.cfg.confidence
+        return "cosine" if self.cfg.recipe == "release" else "probability"
+
     def forward(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> dict:
         cfg = self.cfg
+        kind = self.confidence_kind
         targets = attack_targets(self, images, indices)
         adv = distillation_attack(self, targets, images)
         clean_out = targets if self.teachers_of("clean") else []
@@ -48,16 +56,16 @@ class MMTARD(Method):
             loss, terms = losses.mmt_ard_release_loss(
                 weighted_kl_elementwise(robust_out, student_adv),
                 weighted_kl_elementwise(clean_out, student_clean),
-                weighted_confidence(robust_out, cfg.confidence, labels),
-                weighted_confidence(clean_out, cfg.confidence, labels),
+                weighted_confidence(robust_out, kind, labels),
+                weighted_confidence(clean_out, kind, labels),
                 w_robust=cfg.release_w_robust, w_clean=cfg.release_w_clean,
             )
         else:
             loss, terms = losses.mmt_ard_paper_loss(
                 weighted_kl(robust_out, student_adv) if cfg.use_robust else None,
                 weighted_kl(clean_out, student_clean) if cfg.use_clean else None,
-                weighted_confidence(robust_out, cfg.confidence, labels),
-                weighted_confidence(clean_out, cfg.confidence, labels) if clean_out else None,
+                weighted_confidence(robust_out, kind, labels),
+                weighted_confidence(clean_out, kind, labels) if clean_out else None,
                 lambda_r=cfg.lambda_r, lambda_c=cfg.lambda_c, kappa=cfg.kappa,
                 use_confidence=cfg.use_confidence, use_balance=cfg.use_balance,
                 use_clean=cfg.use_clean, use_robust=cfg.use_robust,
