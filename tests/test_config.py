@@ -64,3 +64,13 @@ def test_method_needs_its_teacher_roles():
     config = load_config(None, ["method.name=mmt_ard", "method.use_clean=false",
                                 "teachers=[{name: mmtard-small-vit, role: robust}]"])
     assert not config.method.use_clean
+
+
+def test_override_below_a_value_is_refused():
+    with pytest.raises(ConfigError, match="not a mapping"):
+        load_config(None, ["student=abc", "student.name=x"])
+
+
+def test_unknown_data_source_is_refused_before_any_work():
+    with pytest.raises(ConfigError, match="data.source"):
+        load_config(None, ["data.source=webdataset"])

@@ -240,3 +240,28 @@ def test_confidence_auto_follows_the_recipe():
 
     assert kind(recipe="release") == "cosine" and kind(recipe="paper") == "probability"
     assert kind(recipe="release", confidence="probability") == "probability"
+
+
+def test_mtard_balancer_moves_once_per_optimiser_step(world_dir, tmp_path):
+    overrides = tiny_overrides(world_dir, "mtard", steps=3)  # global 8 = micro 4 x accumulation 2
+    trainer = Trainer(load_config(None, overrides), tmp_path / "run", show_progress=False)
+    trainer.train()
+    assert trainer.method.balancer.steps == 3
+
+
+def test_clean_stream_off_attacks_with_the_robust_teacher_only(world_dir, tmp_path, monkeypatch):
+    from mmtard.methods import distill
+
+    trainer = Trainer(load_config(None, tiny_overrides(world_dir, steps=1, **{"method.use_clean": "false"})),
+                      tmp_path / "run", show_progress=False)
+    roles = []
+    real = distill.clean_teacher_outputs
+
+    def spy(method, role, *args):
+        roles.append(role)
+        return real(method, role, *args)
+
+    monkeypatch.setattr("mmtard.methods.mmt_ard.clean_teacher_outputs", spy)
+    images, labels, indices = next(iter(torch.utils.data.DataLoader(trainer.dataset, batch_size=4)))
+    out = trainer.method(images, labels, indices)
+    assert roles == ["robust"] and "loss_clean" not in out and out["logits_clean"] is None

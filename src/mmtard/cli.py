@@ -136,6 +136,10 @@ def _eval_models(args: argparse.Namespace) -> list:
         models.append(ModelEntry(run.name, arch, str(weights)))
     if not models:
         raise ConfigError("mmtard eval: give at least one --model or --run")
+    rows = [m.row for m in models]
+    duplicates = sorted({r for r in rows if rows.count(r) > 1})
+    if duplicates:
+        raise ConfigError(f"mmtard eval: two models would both be row '{duplicates[0]}'; name them with --name")
     return models
 
 

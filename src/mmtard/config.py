@@ -42,7 +42,7 @@ class TeacherConfig:
 
 @dataclass
 class DataConfig:
-    """Where training images come from. ``source``: world | imagefolder | imagenet | webdataset."""
+    """Where training images come from. ``source``: world | imagefolder | imagenet."""
 
     source: str = "world"
     root: str = ""
@@ -237,6 +237,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 else:
                     node = node[int(part)]
             else:
+                if not isinstance(node, dict):
+                    raise ConfigError(f"override '{key}': the part before '{part}' is a value, not a mapping")
                 if last:
                     node[part] = value
                 else:
@@ -284,6 +286,8 @@ def validate(config: Config) -> None:
             raise ConfigError(f"teachers[{i}].role: '{teacher.role}' is not one of clean, robust")
         if teacher.weight < 0:
             raise ConfigError(f"teachers[{i}].weight: {teacher.weight} must be >= 0")
+    if config.data.source not in ("world", "imagefolder", "imagenet"):
+        raise ConfigError(f"data.source: '{config.data.source}' is not one of world, imagefolder, imagenet")
     config.attack.pgd()  # parses eps and step size
     train = config.train
     if train.steps < 1 or train.global_batch < 1:

@@ -44,7 +44,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def build_dataset(data: DataConfig, cache_ok: bool = False):
+def build_dataset(data: DataConfig):
     """The training set named by ``data.source``; labels index ``dataset.classnames``."""
     from mmtard.data import ImageFolderDataset, imagenet_folder
     from mmtard.world import load_world

@@ -95,7 +95,7 @@ def _check_model_name(name: str) -> None:
 
 
 def _is_weight_file(pretrained: str) -> bool:
-    return pretrained.endswith(WEIGHT_SUFFIXES) or os.path.sep in pretrained or Path(pretrained).exists()
+    return pretrained.endswith(WEIGHT_SUFFIXES) or os.path.sep in pretrained or Path(pretrained).is_file()
 
 
 def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:

@@ -150,7 +150,8 @@ class Trainer:
         return DistributedDataParallel(student, device_ids=ids)
 
     def _trainable_state(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.student.state_dict().items() if k in self._trainable_names()}
+        names = self._trainable_names()
+        return {k: v for k, v in self.student.state_dict().items() if k in names}
 
     def _trainable_names(self) -> set[str]:
         return {name for name, p in self.student.named_parameters() if p.requires_grad}
@@ -292,6 +293,7 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.config.train.grad_clip)
         bad["gradients"] = bad.get("gradients", torch.zeros((), dtype=torch.bool, device=self.device)) | ~torch.isfinite(grad_norm)
         self.optimizer.step()
+        self.method.after_step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         sums["grad_norm"] = grad_norm.detach().float()

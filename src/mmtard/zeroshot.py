@@ -28,12 +28,6 @@ log = logging.getLogger(__name__)
 # The release trains with this single template (METHOD.md §1).
 TRAIN_TEMPLATES = ("This is a photo of a {}",)
 
-# Names of the zero-shot suite of METHOD.md §8, as clip-benchmark spells them.
-ZEROSHOT_SUITE = (
-    "cifar10", "cifar100", "stl10", "cars", "caltech101", "pets", "flowers", "dtd", "eurosat",
-    "fgvc_aircraft", "pcam", "imagenet-r", "imagenet_sketch",
-)
-
 
 def _template_string(template: str | Callable[[str], str]) -> str:
     """open_clip stores templates as lambdas; a '{}' string form is what we hash and format."""

@@ -34,7 +34,8 @@ class Teacher:
 class TeacherEmbeddingCache:
     """Interface of the clean-teacher cache (see :mod:`mmtard.teacher_cache`)."""
 
-    def lookup(self, teacher_index: int, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def lookup(self, teacher_index: int, model: nn.Module, images: torch.Tensor,
+               indices: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -110,6 +111,9 @@ class Method(nn.Module):
         a ViT, so this is the same mathematics)."""
         logits = self.student_forward(torch.cat([clean, adv]))
         return logits[: clean.shape[0]], logits[clean.shape[0]:]
+
+    def after_step(self) -> None:
+        """Called by the trainer once per optimiser step, after the update (MTARD's balancer)."""
 
     def state_dict_extra(self) -> dict:
         """Method state that must survive a resume (MTARD's balancer); none by default."""

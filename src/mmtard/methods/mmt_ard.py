@@ -13,8 +13,8 @@ import torch
 from mmtard import losses
 from mmtard.errors import ConfigError
 from mmtard.methods.base import Method
-from mmtard.methods.distill import (attack_targets, distillation_attack, teacher_outputs, weighted_confidence,
-                                    weighted_kl, weighted_kl_elementwise)
+from mmtard.methods.distill import (clean_teacher_outputs, distillation_attack, teacher_outputs,
+                                    weighted_confidence, weighted_kl, weighted_kl_elementwise)
 
 
 class MMTARD(Method):
@@ -42,10 +42,13 @@ class MMTARD(Method):
     def forward(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> dict:
         cfg = self.cfg
         kind = self.confidence_kind
-        targets = attack_targets(self, images, indices)
+        # Clean stream off is the single-robust-teacher case (METHOD.md §4): the robust teacher then
+        # also sets the attack's target, as in ARD, and no clean teacher runs at all.
+        role = "clean" if cfg.use_clean else "robust"
+        targets = clean_teacher_outputs(self, role, images, indices)
         adv = distillation_attack(self, targets, images)
-        clean_out = targets if self.teachers_of("clean") else []
-        robust_out = teacher_outputs(self, "robust", adv)
+        clean_out = targets if cfg.use_clean else []
+        robust_out = teacher_outputs(self, "robust", adv) if cfg.use_robust else []
 
         if cfg.use_clean:
             student_clean, student_adv = self.student_logits_pair(images, adv)
@@ -64,7 +67,7 @@ class MMTARD(Method):
             loss, terms = losses.mmt_ard_paper_loss(
                 weighted_kl(robust_out, student_adv) if cfg.use_robust else None,
                 weighted_kl(clean_out, student_clean) if cfg.use_clean else None,
-                weighted_confidence(robust_out, kind, labels),
+                weighted_confidence(robust_out, kind, labels) if robust_out else None,
                 weighted_confidence(clean_out, kind, labels) if clean_out else None,
                 lambda_r=cfg.lambda_r, lambda_c=cfg.lambda_c, kappa=cfg.kappa,
                 use_confidence=cfg.use_confidence, use_balance=cfg.use_balance,

@@ -19,12 +19,16 @@ def _mixed_logits(outputs) -> torch.Tensor:
     return sum(w * o.logits for w, o in zip(_weights(outputs), outputs))
 
 
+_BALANCE_KEYS = ("loss_adv", "loss_nat", "entropy_adv", "entropy_nat")
+
+
 class MTARD(Method):
     required_roles = ("clean", "robust")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.balancer = MtardBalancer(eta_tau=self.cfg.mtard_eta_tau, eta_w=self.cfg.mtard_eta_w)
+        self._pending: list[torch.Tensor] = []  # this optimiser step's balance inputs, per micro-batch
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> dict:
         clean_out = attack_targets(self, images, indices)
@@ -33,9 +37,18 @@ class MTARD(Method):
         student_clean, student_adv = self.student_logits_pair(images, adv)
         loss, terms = self.balancer.loss(_mixed_logits(robust_out), student_adv, _mixed_logits(clean_out), student_clean)
         if self.training:
-            keys = ("loss_adv", "loss_nat", "entropy_adv", "entropy_nat")
-            self.balancer.update(dict(zip(keys, all_reduce_mean(torch.stack([terms[k] for k in keys])).tolist())))
+            self._pending.append(torch.stack([terms[k] for k in _BALANCE_KEYS]))
         return {"loss": loss, **terms, "logits_adv": student_adv, "logits_clean": student_clean}
+
+    def after_step(self) -> None:
+        """One balancer update per optimiser step, from the step's terms averaged over its
+        micro-batches and ranks: the temperatures and weights then do not depend on how the global
+        batch is split into micro-batches, and the host sync happens once per step."""
+        if not self._pending:
+            return
+        values = all_reduce_mean(torch.stack(self._pending).mean(dim=0)).tolist()
+        self._pending = []
+        self.balancer.update(dict(zip(_BALANCE_KEYS, values)))
 
     def state_dict_extra(self) -> dict:
         return {"mtard_balancer": self.balancer.state_dict()}

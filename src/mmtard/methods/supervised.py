@@ -26,7 +26,7 @@ class TeCoA(Method):
     """Supervised adversarial fine-tuning: CE(z_S(x_adv), y), the attack maximising the same CE."""
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> dict:
-        adv = self.attack(lambda x: F.cross_entropy(self.student(x).float(), labels, reduction="none"), images)
+        adv = self.attack(lambda x: losses.cross_entropy_per_sample(self.student(x), labels), images)
         logits = self.student_logits(adv)
         return {"loss": losses.tecoa_loss(logits, labels), "logits_adv": logits, "logits_clean": None}
 
@@ -59,7 +59,7 @@ class PMGAFT(Method):
     needs_reference = True
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> dict:
-        adv = self.attack(lambda x: F.cross_entropy(self.student(x).float(), labels, reduction="none"), images)
+        adv = self.attack(lambda x: losses.cross_entropy_per_sample(self.student(x), labels), images)
         with torch.no_grad():
             orig_adv = self.reference.logits(adv)
         student_clean, student_adv = self.student_logits_pair(images, adv)
