@@ -205,3 +205,10 @@ def test_suite_classnames():
     assert pets == _clip_benchmark_file("en_classnames.json")["pets"]
     assert suite_classnames("imagenet") == imagenet_classnames()
     assert suite_classnames("no-such-dataset") is None
+
+
+def test_a_given_fingerprint_gives_the_same_cache_key(clip):
+    from mmtard.zeroshot import cache_key, fingerprint_text_tower
+
+    names, templates = ["cat", "dog"], ["a photo of a {}."]
+    assert cache_key(clip, names, templates) == cache_key(clip, names, templates, fingerprint_text_tower(clip))

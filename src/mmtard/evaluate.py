@@ -491,10 +491,14 @@ def run_eval(
 
 
 def _head(classifier, model: ModelEntry, entry: DatasetEntry, out_dir: Path) -> torch.Tensor:
-    from mmtard.zeroshot import text_weights
+    from mmtard.zeroshot import fingerprint_text_tower, text_weights
 
     cache_dir = out_dir / "text_cache" if current_env().is_main else None  # only rank 0 writes
-    return text_weights(classifier.clip, model.arch, entry.classnames, entry.templates, cache_dir=cache_dir)
+    if cache_dir is not None and getattr(classifier, "text_fingerprint", None) is None:
+        # the frozen tower is hashed once per loaded model, not once per dataset
+        classifier.text_fingerprint = fingerprint_text_tower(classifier.clip)
+    return text_weights(classifier.clip, model.arch, entry.classnames, entry.templates, cache_dir=cache_dir,
+                        fingerprint=getattr(classifier, "text_fingerprint", None))
 
 
 def _write_results(out_dir: Path, rows: dict, spec: AttackSpec, eps: list[float], warnings_seen: list[str]) -> dict:

@@ -81,7 +81,7 @@ def _suite_key(dataset: str) -> str:
     return {"imagenet": "imagenet1k"}.get(dataset, dataset)
 
 
-def _fingerprint_text_tower(clip: nn.Module) -> str:
+def fingerprint_text_tower(clip: nn.Module) -> str:
     """Hash of every weight the text embeddings depend on (all but the image tower)."""
     digest = hashlib.sha256()
     for key, value in sorted(clip.state_dict().items()):
@@ -92,10 +92,13 @@ def _fingerprint_text_tower(clip: nn.Module) -> str:
     return digest.hexdigest()[:24]
 
 
-def cache_key(clip: nn.Module, classnames: Sequence[str], templates: Sequence[str]) -> str:
+def cache_key(clip: nn.Module, classnames: Sequence[str], templates: Sequence[str],
+              fingerprint: str | None = None) -> str:
+    """``fingerprint`` (of the text tower, from :func:`fingerprint_text_tower`) saves re-hashing a
+    large frozen tower when one model gets heads for many datasets."""
     payload = json.dumps({"classes": list(classnames), "templates": list(templates)}, ensure_ascii=False)
     text_hash = hashlib.sha256(payload.encode()).hexdigest()[:24]
-    return f"{_fingerprint_text_tower(clip)}-{text_hash}"
+    return f"{fingerprint or fingerprint_text_tower(clip)}-{text_hash}"
 
 
 @torch.no_grad()
@@ -127,12 +130,13 @@ def text_weights(
     templates: Sequence[str | Callable[[str], str]],
     cache_dir: str | Path | None = None,
     batch_size: int = 256,
+    fingerprint: str | None = None,
 ) -> torch.Tensor:
     """Class text embeddings for ``clip``, read from ``cache_dir`` when already computed."""
     templates = [_template_string(t) for t in templates]
     cache_file = None
     if cache_dir is not None:
-        cache_file = Path(cache_dir) / f"text-{cache_key(clip, classnames, templates)}.pt"
+        cache_file = Path(cache_dir) / f"text-{cache_key(clip, classnames, templates, fingerprint)}.pt"
         if cache_file.is_file():
             log.debug("text embeddings from cache %s", cache_file)
             return torch.load(cache_file, map_location="cpu", weights_only=True).to(next(clip.parameters()).device)
