@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -53,6 +53,20 @@ def subsample_indices(n_total: int, n: int, seed: int) -> list[int]:
     if n >= n_total:
         return list(range(n_total))
     return sorted(random.Random(seed).sample(range(n_total), n))
+
+
+def first_readable(index: int, n: int, load: Callable[[int], Any], failure: str) -> tuple[Any, int]:
+    """The sample at ``index`` or, when it cannot be read (``load`` returns None), the next readable
+    one, with the index it really came from: a bad file is replaced, never a crash mid-epoch."""
+    if not -n <= index < n:
+        raise IndexError(f"index {index} out of range for {n} samples")
+    index %= n
+    for offset in range(n):
+        i = (index + offset) % n
+        item = load(i)
+        if item is not None:
+            return item, i
+    raise DataError(f"{failure} ({n} tried).")
 
 
 class ImageListDataset(Dataset):
@@ -100,16 +114,8 @@ class ImageListDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, object, int]:
-        n = len(self.files)
-        if not -n <= index < n:
-            raise IndexError(f"index {index} out of range for {n} samples")
-        index %= n
-        for offset in range(n):
-            i = (index + offset) % n
-            img = self._try_load(i)
-            if img is not None:
-                return self.transform(img), self.targets[i], i
-        raise DataError(f"No readable image in {self.root} ({n} files tried).")
+        img, i = first_readable(index, len(self.files), self._try_load, f"No readable image in {self.root}")
+        return self.transform(img), self.targets[i], i
 
     def pop_skipped(self) -> tuple[int, list[str]]:
         """Number and paths of files skipped since the last call, then resets them."""

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from mmtard.data.base import first_readable
 from mmtard.data.images import ImageTransform, SkipLog, corrupt_error, to_rgb
 from mmtard.errors import DataError
 
@@ -108,26 +109,24 @@ class ZeroShotSuiteDataset(Dataset):
         return len(self.inner)
 
     def __getitem__(self, index: int):
-        n = len(self.inner)
-        if not -n <= index < n:
-            raise IndexError(f"index {index} out of range for {n} samples")
-        index %= n
-        for offset in range(n):
-            i = (index + offset) % n
-            try:
-                image, label = self.inner[i]
-            except Exception as exc:  # noqa: BLE001 - torchvision/PIL raise many types
-                if self.strict:
-                    raise corrupt_error(f"{self.name}[{i}] ({self.sample_ids[i]})", exc) from exc
-                self.skip_log.record(f"{self.name}:{self.sample_ids[i]}", f"{type(exc).__name__}: {exc}")
-                continue
-            if self._native_shape is not None and tuple(image.shape) != self._native_shape:
-                raise DataError(
-                    f"{self.name} sample {self.sample_ids[i]} has shape {tuple(image.shape)} but the first "
-                    f"has {self._native_shape}; pass an image_size to resize the set."
-                )
-            return image, int(label), i
-        raise DataError(f"No readable sample in {self.name} at {self.root}.")
+        (image, label), i = first_readable(index, len(self.inner), self._try_load,
+                                           f"No readable sample in {self.name} at {self.root}")
+        return image, int(label), i
+
+    def _try_load(self, i: int):
+        try:
+            image, label = self.inner[i]
+        except Exception as exc:  # noqa: BLE001 - torchvision/PIL raise many types
+            if self.strict:
+                raise corrupt_error(f"{self.name}[{i}] ({self.sample_ids[i]})", exc) from exc
+            self.skip_log.record(f"{self.name}:{self.sample_ids[i]}", f"{type(exc).__name__}: {exc}")
+            return None
+        if self._native_shape is not None and tuple(image.shape) != self._native_shape:
+            raise DataError(
+                f"{self.name} sample {self.sample_ids[i]} has shape {tuple(image.shape)} but the first "
+                f"has {self._native_shape}; pass an image_size to resize the set."
+            )
+        return image, label
 
     def pop_skipped(self) -> tuple[int, list[str]]:
         """Number and ids of samples skipped since the last call, then resets them."""
