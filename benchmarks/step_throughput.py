@@ -9,8 +9,9 @@ In ONE process, with random weights (timing does not depend on their values):
 (b) ``mmtard``: one step of mmtard's own trainer: a real :class:`mmtard.trainer.Trainer` built
     from a :class:`mmtard.config.Config` (method ``mmt_ard``), driven through its real
     ``Trainer._train_step`` with batches already on the device (the data loader is not timed).
-    Variants: without and with the clean-teacher cache (steady state: every row filled), and with
-    ``train.compile`` (compile time reported separately).
+    Variants: without and with the clean-teacher cache (steady state: every row filled), with
+    ``train.compile`` (compile time reported separately) and, with ``--compile-attack``, with
+    ``train.compile_attack`` on top (each whole PGD iteration one compiled graph).
 
 Printed per variant: images/s, seconds per step, peak memory; the ratio b/a; the FLOP count of
 (b) from ``torch.utils.flop_counter.FlopCounterMode`` and the fraction of ``--peak-tflops``.
@@ -62,6 +63,10 @@ def parse_args(argv=None):
                    help="(b) with train.compile: off, on (compiled variants only), both")
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode of the compiled variants, e.g. reduce-overhead (CUDA graphs)")
+    p.add_argument("--compile-attack", action="store_true",
+                   help="after the compiled variants, also compile each whole PGD iteration (train.compile_attack)")
+    p.add_argument("--profile", action="store_true",
+                   help="print torch.profiler's top operators for one steady step of the last (b) variant")
     p.add_argument("--no-reference", action="store_true", help="skip (a)")
     p.add_argument("--no-eager", action="store_true", help="skip the eager variants of (b)")
     p.add_argument("--check", action="store_true", help="compare the step's loss: fp32 vs bf16 (vs compiled)")
@@ -288,7 +293,7 @@ def time_trainer_variants(args, trainer, timer, batches, label: str, reference_i
         ips = args.batch / r["s_per_step"]
         fields = dict(images_per_s=ips, s_per_step=r["s_per_step"], peak_mem_GiB=r["peak_mem_GiB"],
                       batch=args.batch, first_step_s=r["first_step_s"])
-        if label == "compiled":
+        if label.startswith("compiled"):
             # compile time: the first call's excess over a steady step (each variant compiles what
             # it has not seen yet; the first variant holds nearly all of it)
             fields["compile_s"] = max(0.0, r["first_step_s"] - r["s_per_step"])
@@ -401,6 +406,25 @@ def check_losses(args, trainer, batches, label: str, store: dict) -> None:
     emit(f"check_{label}", loss_fp32=fields["loss_fp32_pgd0"], **fields)
 
 
+def profile_step(args, trainer, batches, timer, rows: int = 25) -> None:
+    """Where one steady step of (b), as last configured, spends its time, operator by operator:
+    the table of ``torch.profiler`` sorted by device time (CUDA) or CPU time, top ``rows``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn = trainer_step_fn(trainer, batches)
+    for _ in range(len(batches)):  # warm: compiled variants and cache rows ready
+        fn()
+    timer.sync()
+    cuda = timer.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        fn()
+        timer.sync()
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=rows), flush=True)
+    emit("profile", sort=sort, rows=rows)
+
+
 def stage(name, fn, *a, **kw):
     """Run one stage; a failure is reported and the next stage still runs."""
     try:
@@ -498,6 +522,19 @@ def main(argv=None) -> int:
                 stage("check", check_losses, args, trainer, batches, "compiled", fp32_losses)
             if args.compile_breakdown:
                 stage("breakdown", time_breakdown, args, trainer, batches, timer, "compiled")
+            if args.compile_attack:
+                from mmtard.speed import compile_attack_iteration
+
+                # what train.compile_attack=true adds in factory.build_method
+                trainer.method.attack_iteration = compile_attack_iteration(mode=args.compile_mode)
+                summary["compiled_attack"] = stage("compiled_attack", time_trainer_variants, args, trainer, timer,
+                                                   batches, "compiled_attack", reference_ips, flops)
+                if args.check and fp32_losses:
+                    stage("check", check_losses, args, trainer, batches, "compiled_attack", fp32_losses)
+                if args.compile_breakdown:
+                    stage("breakdown", time_breakdown, args, trainer, batches, timer, "compiled_attack")
+        if args.profile:
+            stage("profile", profile_step, args, trainer, batches, timer)
         summary = {k: v for k, v in summary.items() if v}
         print("\nsummary (images/s)", flush=True)
         if reference_ips:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from mmtard.attacks import PGDConfig, pgd
+from mmtard.attacks import PGDConfig, pgd, pgd_iteration
 from mmtard.config import load_config
-from mmtard.speed import compile_method, image_towers, input_grad_only
+from mmtard.speed import compile_attack_iteration, compile_method, image_towers, input_grad_only
 from mmtard.trainer import Trainer
 
 TEACHERS = "teachers=[{name: mmtard-small-vit, role: clean}, {name: mmtard-small-vit, role: robust}]"
@@ -92,3 +92,64 @@ def test_frozen_weight_attack_gives_the_same_input_gradient_and_restores_flags()
     assert torch.equal(runs[0], runs[1])
     assert model[1].weight.requires_grad and not model[1].bias.requires_grad
     assert model[1].weight.grad is None
+
+
+def _counting_backend(graphs: list):
+    """A torch.compile backend that records each graph it is handed and runs it as traced."""
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    return backend
+
+
+def test_compiled_attack_iteration_gives_the_eager_attack_in_one_graph():
+    """Whole-iteration compile: same adversarial images as the eager loop, one graph per
+    iteration (no break), and no recompilation for new targets, new images or a new closure."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 16), torch.nn.GELU(),
+                                torch.nn.Linear(16, 5))
+    cfg = PGDConfig(eps=8 / 255, step_size=2 / 255, steps=3)
+    graphs: list = []
+    compiled = compile_attack_iteration(backend=_counting_backend(graphs))
+    for trial in range(3):
+        x = torch.rand(4, 3, 8, 8)
+        target = torch.randn(4, 5).softmax(-1)
+        loss = lambda z: -(target * model(z).log_softmax(-1)).sum(-1)  # noqa: E731 - a fresh closure each time
+        runs = []
+        for iteration in (pgd_iteration, compiled):
+            with input_grad_only(model):
+                runs.append(pgd(loss, x, cfg, model=model, generator=torch.Generator().manual_seed(trial),
+                                iteration=iteration))
+        torch.testing.assert_close(runs[1], runs[0], rtol=0, atol=1e-6)
+        assert not torch.equal(runs[0], x)
+    assert len(graphs) == 1  # traced once, whole: a graph break or a recompile would add graphs
+    assert model[1].weight.grad is None
+
+
+def test_compiled_attack_in_the_trainer_gives_the_eager_loss(world_dir, tmp_path):
+    """The real mmt_ard step with the compiled attack iteration (dynamo + AOTAutograd): the eager
+    loss, and the iteration is traced once over several steps."""
+    config = load_config(None, _overrides(world_dir, **{"attack.steps": 2, "train.precision": "fp32"}))
+    trainer = Trainer(config, tmp_path / "run", show_progress=False)
+    trainer.method.train()
+    batch = _batch(trainer)
+    torch.manual_seed(7)
+    eager = trainer.method(*batch)["loss"].detach()
+    graphs: list = []
+    trainer.method.attack_iteration = compile_attack_iteration(backend=_counting_backend(graphs))
+    torch.manual_seed(7)
+    compiled = trainer.method(*batch)["loss"].detach()
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
+    for _ in range(2):
+        sums = trainer._train_step(iter([batch]), {})
+        assert torch.isfinite(sums["loss"])
+    assert len(graphs) == 1
+
+
+def test_train_compile_attack_switch(world_dir, tmp_path):
+    on = Trainer(load_config(None, _overrides(world_dir, **{"train.compile_attack": "true"})), tmp_path / "on",
+                 show_progress=False)
+    assert on.method.attack_iteration is not pgd_iteration
+    assert all(t._compiled_call_impl is None for t in image_towers(on.method))  # towers: train.compile
+    off = Trainer(load_config(None, _overrides(world_dir)), tmp_path / "off", show_progress=False)
+    assert off.method.attack_iteration is pgd_iteration

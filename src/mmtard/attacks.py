@@ -114,6 +114,62 @@ def eval_mode(model: nn.Module | None):
             module.training = training
 
 
+#: One PGD iteration: (loss_fn, x, delta, velocity, cfg, autocast_dtype) -> (delta, velocity).
+Iteration = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def _amp(device: torch.device, autocast_dtype: torch.dtype | None):
+    if autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=autocast_dtype)
+
+
+def _ascent(delta: torch.Tensor, velocity: torch.Tensor, grad: torch.Tensor, x: torch.Tensor,
+            cfg: PGDConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The update that follows a gradient: momentum, step, projection (shared by both iterations)."""
+    if cfg.momentum > 0:
+        # Release: momentum on the L1-normalised gradient, then the usual sign step.
+        velocity = cfg.momentum * velocity + grad / _per_sample_norm(grad, 1) * grad[0].numel()
+        direction = velocity
+    else:
+        direction = grad
+    if cfg.norm == "linf":
+        step = cfg.step_size * direction.sign()
+    else:
+        step = cfg.step_size * direction / _per_sample_norm(direction, 2)
+    return _project(delta + step, x, cfg), velocity
+
+
+def pgd_iteration(loss_fn: LossFn, x: torch.Tensor, delta: torch.Tensor, velocity: torch.Tensor,
+                  cfg: PGDConfig, autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One eager PGD iteration: forward, input gradient through ``torch.autograd.grad``, ascent."""
+    delta = delta.detach().requires_grad_(True)
+    with _amp(x.device, autocast_dtype):
+        loss = loss_fn(x + delta).float().sum()
+    (grad,) = torch.autograd.grad(loss, delta)
+    with torch.no_grad():
+        return _ascent(delta.detach(), velocity, grad, x, cfg)
+
+
+def functional_pgd_iteration(loss_fn: LossFn, x: torch.Tensor, delta: torch.Tensor, velocity: torch.Tensor,
+                             cfg: PGDConfig, autocast_dtype: torch.dtype | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same iteration with the gradient from ``torch.func.grad``.
+
+    ``torch.autograd.grad`` ends a ``torch.compile`` graph; ``torch.func.grad`` does not, so this
+    form compiles to ONE graph per iteration (forward, zero-shot head, loss, input gradient,
+    momentum, sign step, projection) and, with ``mode="reduce-overhead"``, one CUDA graph
+    (:func:`mmtard.speed.compile_attack_iteration`). Eager, it is slower than :func:`pgd_iteration`
+    (functorch wraps every tensor), so it is only used compiled.
+    """
+    def objective(d: torch.Tensor) -> torch.Tensor:
+        with _amp(x.device, autocast_dtype):
+            return loss_fn(x + d).float().sum()
+
+    grad = torch.func.grad(objective)(delta)
+    return _ascent(delta, velocity, grad, x, cfg)
+
+
 def pgd(
     loss_fn: LossFn,
     x: torch.Tensor,
@@ -121,40 +177,23 @@ def pgd(
     model: nn.Module | None = None,
     autocast_dtype: torch.dtype | None = None,
     generator: torch.Generator | None = None,
+    iteration: Iteration = pgd_iteration,
 ) -> torch.Tensor:
     """Maximise ``loss_fn(x_adv)`` (summed over the batch) within the eps ball around ``x``.
 
     Gradients are taken with respect to the perturbation only, so the model's parameter gradients
     (``.grad``) and weights are untouched; ``model``, if given, is put in eval mode for the attack
     and restored afterwards. Under ``autocast_dtype`` (bf16 on a GPU) the forward passes run in
-    reduced precision while the perturbation itself stays in float32.
+    reduced precision while the perturbation itself stays in float32. ``iteration`` is
+    :func:`pgd_iteration` or a compiled :func:`functional_pgd_iteration`; the random start stays
+    outside it (it draws from ``generator``).
 
     Returns the detached adversarial images, in [0, 1].
     """
     x = x.detach()
     delta = _project(_random_start(x, cfg, generator), x, cfg)
     velocity = torch.zeros_like(x)
-    amp = (
-        torch.autocast(device_type=x.device.type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else contextlib.nullcontext()
-    )
     with eval_mode(model):
         for _ in range(cfg.steps):
-            delta.requires_grad_(True)
-            with amp:
-                loss = loss_fn(x + delta).float().sum()
-            (grad,) = torch.autograd.grad(loss, delta)
-            with torch.no_grad():
-                if cfg.momentum > 0:
-                    # Release: momentum on the L1-normalised gradient, then the usual sign step.
-                    velocity = cfg.momentum * velocity + grad / _per_sample_norm(grad, 1) * grad[0].numel()
-                    direction = velocity
-                else:
-                    direction = grad
-                if cfg.norm == "linf":
-                    step = cfg.step_size * direction.sign()
-                else:
-                    step = cfg.step_size * direction / _per_sample_norm(direction, 2)
-                delta = _project(delta.detach() + step, x, cfg)
+            delta, velocity = iteration(loss_fn, x, delta, velocity, cfg, autocast_dtype)
     return (x + delta).detach()

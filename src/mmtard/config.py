@@ -125,6 +125,7 @@ class TrainConfig:
     clean_teacher_cache: bool = True
     compile: bool = False
     compile_mode: str | None = None
+    compile_attack: bool = False
 
 
 @dataclass

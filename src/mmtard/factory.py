@@ -104,4 +104,8 @@ def build_method(config: Config, student: CLIPClassifier, teachers: list[Teacher
         from mmtard.speed import compile_method
 
         compile_method(method, mode=config.train.compile_mode)
+    if config.train.compile_attack and method.adversarial:
+        from mmtard.speed import compile_attack_iteration
+
+        method.attack_iteration = compile_attack_iteration(mode=config.train.compile_mode)
     return method

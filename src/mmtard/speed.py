@@ -9,6 +9,12 @@ ask autograd for input gradients only. None of them changes the mathematics.
   in eager mode. Compilation happens lazily, at the first call of each (mode, shape, grad) variant:
   the student compiles twice (the attack's eval-mode forward/backward at batch B and the update's
   train-mode forward/backward at 2B), each frozen teacher once (no-grad forward at B).
+* :func:`compile_attack_iteration` compiles one whole PGD iteration (the student's forward, the
+  zero-shot head, the attack loss, the input gradient through ``torch.func.grad``, momentum, sign
+  step and projection) as a single graph, switched on by ``train.compile_attack``. Compiling only
+  the towers leaves the attack as, per iteration, a compiled forward, a compiled backward and a few
+  dozen small eager kernels in between (head, KL, its gradient, the update); with
+  ``compile_mode: reduce-overhead`` the whole iteration becomes one CUDA graph instead.
 * :func:`input_grad_only` freezes a module's parameters while an attack runs. The attack wants the
   gradient with respect to the perturbation only; eager autograd already skips the weight
   gradients then, but a compiled backward (AOTAutograd) computes the gradient of every input that
@@ -27,7 +33,10 @@ import contextlib
 import logging
 from typing import Iterator
 
+import torch
 from torch import nn
+
+from mmtard.attacks import Iteration, functional_pgd_iteration
 
 log = logging.getLogger(__name__)
 
@@ -84,3 +93,20 @@ def compile_method(method: nn.Module, backend: str = "inductor", mode: str | Non
         tower.compile(backend=backend, mode=mode, dynamic=dynamic)
     log.info("torch.compile (%s%s) of %d image towers", backend, f", {mode}" if mode else "", len(towers))
     return towers
+
+
+def compile_attack_iteration(backend: str = "inductor", mode: str | None = None,
+                             dynamic: bool | None = False) -> Iteration:
+    """A compiled :func:`mmtard.attacks.functional_pgd_iteration`, for :func:`mmtard.attacks.pgd`.
+
+    ``fullgraph=True``: a graph break inside would silently split the iteration again, which is
+    exactly what this is for avoiding; an attack loss that cannot be traced fails loudly at the
+    first step instead. Each method's loss closure compiles once (its code object is guarded, the
+    tensors it captures are graph inputs), and once more per new batch size (``dynamic=False``).
+    The student's parameters must be frozen while it runs (``Method.attack`` does so): the
+    gradient ``torch.func.grad`` returns would otherwise stay differentiable with respect to them,
+    and the compiled graph would carry a backward it never needs.
+    """
+    _raise_recompile_limit()
+    log.info("torch.compile (%s%s) of the PGD iteration", backend, f", {mode}" if mode else "")
+    return torch.compile(functional_pgd_iteration, backend=backend, mode=mode, dynamic=dynamic, fullgraph=True)

@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -21,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmtard.data.folders import imagenet_classnames
+from mmtard.data.zeroshot_suite import clip_benchmark_json
 from mmtard.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -34,22 +35,9 @@ def _template_string(template: str | Callable[[str], str]) -> str:
     return template if isinstance(template, str) else template("{}")
 
 
-def imagenet_classnames() -> list[str]:
-    """The 1 000 ImageNet class names, from open_clip (OpenAI's curated names)."""
-    return list(open_clip.IMAGENET_CLASSNAMES)
-
-
 def imagenet_templates() -> list[str]:
     """The 80-template OpenAI ImageNet ensemble used for evaluation (METHOD.md §8)."""
     return [_template_string(t) for t in open_clip.OPENAI_IMAGENET_TEMPLATES]
-
-
-@lru_cache(maxsize=None)
-def _clip_benchmark_json(filename: str) -> dict:
-    import clip_benchmark.datasets as cbd
-
-    with open(Path(cbd.__file__).parent / filename, encoding="utf-8") as handle:
-        return json.load(handle)
 
 
 def suite_templates(dataset: str) -> list[str]:
@@ -61,7 +49,7 @@ def suite_templates(dataset: str) -> list[str]:
     name = _suite_key(dataset)
     if name in ("imagenet1k", "imagenet-r", "imagenet_sketch"):
         return imagenet_templates()
-    templates = _clip_benchmark_json("en_zeroshot_classification_templates.json")
+    templates = clip_benchmark_json("en_zeroshot_classification_templates.json")
     if name not in templates:
         raise DataError(f"clip-benchmark has no templates for dataset '{dataset}'")
     return [t.replace("{c}", "{}") for t in templates[name]]
@@ -73,7 +61,7 @@ def suite_classnames(dataset: str) -> list[str] | None:
     name = _suite_key(dataset)
     if name == "imagenet1k":
         return imagenet_classnames()
-    names = _clip_benchmark_json("en_classnames.json")
+    names = clip_benchmark_json("en_classnames.json")
     return list(names[name]) if name in names else None
 
 

@@ -41,11 +41,13 @@ SUITE_LAYOUTS = {
 ZEROSHOT_SUITE = tuple(name for name in SUITE_LAYOUTS if name != "dummy")
 
 
-@lru_cache(maxsize=1)
-def _all_templates() -> dict:
+@lru_cache(maxsize=None)
+def clip_benchmark_json(filename: str) -> dict:
+    """One of the metadata files clip-benchmark ships beside its dataset builders (English class
+    names, prompt templates); read once per process. The one reader of those files in mmtard."""
     import clip_benchmark.datasets as cbd
 
-    path = Path(cbd.__file__).parent / "en_zeroshot_classification_templates.json"
+    path = Path(cbd.__file__).parent / filename
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -54,7 +56,7 @@ def zeroshot_templates(name: str) -> list[str]:
 
     ImageNet-R and ImageNet-Sketch use the ImageNet templates, as clip-benchmark itself does.
     """
-    templates = _all_templates()
+    templates = clip_benchmark_json("en_zeroshot_classification_templates.json")
     return list(templates.get(name, templates["imagenet1k"]))
 
 

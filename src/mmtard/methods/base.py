@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from mmtard.attacks import PGDConfig, pgd
+from mmtard.attacks import Iteration, PGDConfig, pgd, pgd_iteration
 from mmtard.errors import ConfigError
 from mmtard.models import CLIPClassifier
 from mmtard.speed import input_grad_only
@@ -70,6 +70,8 @@ class Method(nn.Module):
         self.student_forward: Callable[..., torch.Tensor] = student
         self.clean_cache: TeacherEmbeddingCache | None = None
         self.generator: torch.Generator | None = None
+        #: eager by default; a compiled one with train.compile_attack (mmtard.speed)
+        self.attack_iteration: Iteration = pgd_iteration
 
     @classmethod
     def check_config(cls, config) -> None:
@@ -100,7 +102,8 @@ class Method(nn.Module):
         compute the weight gradients too (:func:`mmtard.speed.input_grad_only`)."""
         with input_grad_only(self.student):
             return pgd(loss_fn, images, self.attack_cfg, model=self.student,
-                       autocast_dtype=self.autocast_dtype, generator=self.generator)
+                       autocast_dtype=self.autocast_dtype, generator=self.generator,
+                       iteration=self.attack_iteration)
 
     def student_logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.student_forward(images)
