@@ -117,11 +117,12 @@ def test_two_ranks_match_one_process_with_accumulation(relaunched_run, world_dir
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], **TOLERANCE)
-    # rank 0 wrote the checkpoints, with both ranks' RNG streams; each rank kept its own teacher cache
+    # rank 0 wrote the checkpoints, with both ranks' RNG streams; the two ranks of this one node
+    # shared one clean-teacher cache
     state = load_checkpoint(list_checkpoints(run)[-1][1])
     assert state["world_size"] == 2 and len(state["rng_ranks"]) == 2
     cache = sorted(p.name for p in (run / "cache" / "clean_teacher").iterdir())
-    assert cache == ["teacher0-rank0.f32", "teacher0-rank0.mask", "teacher0-rank1.f32", "teacher0-rank1.mask"]
+    assert cache == ["teacher0-node0.f32", "teacher0-node0.mask"]
 
 
 def test_global_batch_not_divisible_by_world_size_is_refused(world_dir, tmp_path, monkeypatch, capsys):

@@ -36,6 +36,8 @@ class DistEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    #: which machine: ranks with the same node share local files (the clean-teacher cache)
+    node: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -63,6 +65,19 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def node_index(rank: int) -> int:
+    """The machine a rank runs on, from torchrun's ``GROUP_RANK`` (or ``rank // LOCAL_WORLD_SIZE``).
+
+    Without either, each rank counts as its own node: sharing a file between ranks is only safe
+    when they are known to share a machine.
+    """
+    if "GROUP_RANK" in os.environ:
+        return int(os.environ["GROUP_RANK"])
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        return rank // max(1, int(os.environ["LOCAL_WORLD_SIZE"]))
+    return rank
+
+
 def init_distributed(device_type: str, timeout_s: float | None = None) -> DistEnv:
     """Join the process group torchrun describes in the environment (once)."""
     world_size = env_world_size()
@@ -75,12 +90,13 @@ def init_distributed(device_type: str, timeout_s: float | None = None) -> DistEn
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank)
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, node=node_index(rank))
 
 
 def current_env() -> DistEnv:
     if dist.is_available() and dist.is_initialized():
-        return DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        rank = dist.get_rank()
+        return DistEnv(rank, dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), node_index(rank))
     return DistEnv()
 
 

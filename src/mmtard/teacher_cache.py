@@ -1,41 +1,106 @@
 """The clean-teacher cache: image embeddings of clean, un-augmented training images, per sample id.
 
-A frozen teacher's output on a fixed image never changes, so after the first epoch the clean
+A frozen teacher's output on a fixed image never changes, so once a sample has been seen its clean
 teacher's forward pass (a large ViT-L in the paper) is replaced by a read from a memory-mapped
-file. One file per teacher and rank; a second mask file says which rows are filled. Only valid
-when the training images are not augmented (the trainer checks this).
+file. Only valid when the training images are not augmented (the trainer checks this).
+
+One pair of files per teacher and per machine (``teacher<i>-node<n>.f32`` and ``.mask``): every
+rank of a node reads and writes the same rows. Each epoch deals the samples out to the ranks
+afresh, so with a cache per rank a rank would meet most samples for the first time in every one
+of the first epochs (with 8 ranks, a per-rank cache is half full after 5 epochs); shared, the
+cache is full after one epoch, and one copy sits on disk instead of one per rank. Nodes never
+share: their page caches are not coherent, even on a shared file system.
+
+A row is written before its mask byte, so a set mask means a written row. Rows are unit vectors;
+when an existing cache is opened (a resumed run), a masked row whose norm is not 1 (the machine
+went down between the two writes reaching the disk) is marked missing and computed again.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from mmtard.errors import DataError
 from mmtard.methods.base import TeacherEmbeddingCache
+
+log = logging.getLogger(__name__)
+
+#: a filled row is a unit vector; this far from norm 1 it is not a row that was fully written
+_NORM_TOLERANCE = 1e-2
+_CHECK_ROWS = 65536  # rows read at once when an existing cache is checked
+
+
+def _create_once(path: Path, nbytes: int) -> None:
+    """Create ``path`` as ``nbytes`` zero bytes unless it exists; safe when several ranks race
+    (the file appears whole, through a hard link that fails if another rank made it first)."""
+    if path.exists():
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.truncate(nbytes)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+
+
+def _open(path: Path, dtype, shape: tuple[int, ...]) -> np.memmap:
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    existed = path.exists()
+    _create_once(path, nbytes)
+    size = path.stat().st_size
+    if size != nbytes:
+        raise DataError(
+            f"clean-teacher cache {path} has {size} bytes where this dataset needs {nbytes} "
+            f"(shape {shape}): the dataset changed since the cache was written; delete {path.parent} "
+            "(it is rebuilt) or train in a new run folder"
+        )
+    if existed:
+        log.info("clean-teacher cache: reusing %s", path)
+    return np.memmap(path, dtype=dtype, mode="r+", shape=shape)
 
 
 class CleanTeacherCache(TeacherEmbeddingCache):
-    def __init__(self, folder: str | Path, num_samples: int, rank: int = 0):
+    def __init__(self, folder: str | Path, num_samples: int, node: int = 0):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.num_samples = num_samples
-        self.rank = rank
+        self.node = node
         self._tables: dict[int, tuple[np.memmap, np.memmap]] = {}
         self.hits = 0
         self.misses = 0
+        self.invalid = 0  # masked rows found unwritten when the cache was opened
 
     def _table(self, teacher_index: int, dim: int) -> tuple[np.memmap, np.memmap]:
         if teacher_index not in self._tables:
-            stem = self.folder / f"teacher{teacher_index}-rank{self.rank}"
-            values_path, mask_path = stem.with_suffix(".f32"), stem.with_suffix(".mask")
-            mode = "r+" if values_path.exists() and mask_path.exists() else "w+"
-            values = np.memmap(values_path, dtype=np.float32, mode=mode, shape=(self.num_samples, dim))
-            mask = np.memmap(mask_path, dtype=np.bool_, mode=mode, shape=(self.num_samples,))
+            stem = self.folder / f"teacher{teacher_index}-node{self.node}"
+            values = _open(stem.with_suffix(".f32"), np.float32, (self.num_samples, dim))
+            mask = _open(stem.with_suffix(".mask"), np.bool_, (self.num_samples,))
+            self._unmask_unwritten(values, mask)
             self._tables[teacher_index] = (values, mask)
         return self._tables[teacher_index]
+
+    def _unmask_unwritten(self, values: np.memmap, mask: np.memmap) -> None:
+        for start in range(0, self.num_samples, _CHECK_ROWS):
+            stop = min(start + _CHECK_ROWS, self.num_samples)
+            filled = np.nonzero(mask[start:stop])[0]
+            if filled.size == 0:
+                continue
+            norms = np.linalg.norm(values[start:stop][filled], axis=1)
+            bad = filled[np.abs(norms - 1.0) > _NORM_TOLERANCE]
+            if bad.size:
+                mask[start + bad] = False
+                self.invalid += int(bad.size)
+        if self.invalid:
+            log.warning("clean-teacher cache: %d rows were marked but not written; they are recomputed", self.invalid)
 
     @torch.no_grad()
     def lookup(self, teacher_index: int, model: nn.Module, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -48,7 +113,7 @@ class CleanTeacherCache(TeacherEmbeddingCache):
             rows = torch.from_numpy(np.nonzero(missing)[0]).to(images.device)
             fresh = model.image_embed(images[rows]).float()
             values[ids[missing]] = fresh.cpu().numpy()
-            mask[ids[missing]] = True
+            mask[ids[missing]] = True  # after the row: a set mask means a written row
         self.hits += int((~missing).sum())
         self.misses += int(missing.sum())
         rows = torch.from_numpy(np.ascontiguousarray(values[ids]))

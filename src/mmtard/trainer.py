@@ -127,7 +127,7 @@ class Trainer:
         torch.manual_seed(config.train.seed + self.env.rank)
         if config.train.clean_teacher_cache and not config.data.augment and teachers:
             self.method.clean_cache = CleanTeacherCache(self.run_dir / "cache" / "clean_teacher",
-                                                        len(self.dataset), rank=self.env.rank)
+                                                        len(self.dataset), node=self.env.node)
         self.trainable = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=config.train.lr, weight_decay=config.train.weight_decay,
                                            **({"fused": True} if self.device.type == "cuda" else {}))

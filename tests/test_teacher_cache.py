@@ -1,0 +1,87 @@
+"""The clean-teacher cache: shared by the ranks of a node, safe to reopen, strict about its size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmtard.distributed import node_index
+from mmtard.errors import DataError
+from mmtard.teacher_cache import CleanTeacherCache
+
+
+class _Teacher(nn.Module):
+    """What the cache needs of a teacher: ``text_weights`` (d x K) and unit ``image_embed``."""
+
+    def __init__(self, dim: int = 6):
+        super().__init__()
+        self.proj = nn.Linear(3 * 4 * 4, dim)
+        self.text_weights = torch.zeros(dim, 3)
+        self.calls = 0
+
+    def image_embed(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += x.shape[0]
+        return F.normalize(self.proj(x.flatten(1)), dim=-1)
+
+
+@pytest.fixture
+def data():
+    torch.manual_seed(0)
+    return _Teacher(), torch.rand(10, 3, 4, 4)
+
+
+def test_ranks_of_a_node_share_rows(tmp_path, data):
+    teacher, images = data
+    rank0 = CleanTeacherCache(tmp_path, num_samples=10, node=0)
+    rank1 = CleanTeacherCache(tmp_path, num_samples=10, node=0)
+    ids = torch.tensor([1, 4, 7])
+    first = rank0.lookup(0, teacher, images[ids], ids)
+    again = rank1.lookup(0, teacher, images[ids], ids)  # the other rank: no forward
+    torch.testing.assert_close(again, first)
+    assert (rank0.misses, rank1.misses, rank1.hits, teacher.calls) == (3, 0, 3, 3)
+    torch.testing.assert_close(first, teacher.image_embed(images[ids]))
+    other_node = CleanTeacherCache(tmp_path, num_samples=10, node=1)
+    other_node.lookup(0, teacher, images[ids], ids)
+    assert other_node.misses == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "teacher0-node0.f32", "teacher0-node0.mask", "teacher0-node1.f32", "teacher0-node1.mask"]
+
+
+def test_a_marked_row_that_was_never_written_is_recomputed(tmp_path, data):
+    teacher, images = data
+    cache = CleanTeacherCache(tmp_path, num_samples=10)
+    ids = torch.arange(4)
+    expected = cache.lookup(0, teacher, images[ids], ids)
+    cache.flush()
+    # the machine went down after the mask reached the disk but before row 2 and a stray row 8 did
+    values = np.memmap(tmp_path / "teacher0-node0.f32", dtype=np.float32, mode="r+", shape=(10, 6))
+    mask = np.memmap(tmp_path / "teacher0-node0.mask", dtype=np.bool_, mode="r+", shape=(10,))
+    values[2] = 0.0
+    values[3, :3] = 0.0
+    mask[8] = True
+    values.flush()
+    mask.flush()
+    reopened = CleanTeacherCache(tmp_path, num_samples=10)
+    got = reopened.lookup(0, teacher, images[ids], ids)
+    assert reopened.invalid == 3 and reopened.misses == 2 and reopened.hits == 2
+    torch.testing.assert_close(got, expected)
+
+
+def test_a_cache_of_another_dataset_size_is_refused_by_name(tmp_path, data):
+    teacher, images = data
+    CleanTeacherCache(tmp_path, num_samples=10).lookup(0, teacher, images[:2], torch.arange(2))
+    with pytest.raises(DataError, match=r"teacher0-node0\.f32 has 240 bytes where this dataset needs 288"):
+        CleanTeacherCache(tmp_path, num_samples=12).lookup(0, teacher, images[:2], torch.arange(2))
+
+
+def test_node_index_from_torchrun_environment(monkeypatch):
+    for name in ("GROUP_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert node_index(5) == 5  # unknown layout: no sharing between ranks
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert node_index(5) == 1
+    monkeypatch.setenv("GROUP_RANK", "3")
+    assert node_index(5) == 3
