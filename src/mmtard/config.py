@@ -40,9 +40,18 @@ class TeacherConfig:
     weight: float = 1.0
 
 
+DATA_SOURCES = ("world", "imagefolder", "imagenet", "shards")
+
+
 @dataclass
 class DataConfig:
-    """Where training images come from. ``source``: world | imagefolder | imagenet."""
+    """Where training images come from. ``source``: world | imagefolder | imagenet | shards.
+
+    ``shards``: ``root`` is a webdataset brace pattern of local uncompressed tars (image + ``.cls``),
+    read by random access (:mod:`mmtard.data.shard_index`). ``classnames``: a text file with one
+    class name per line in label order (shards and imagefolder; ImageNet's names are the default
+    for 1 000 classes).
+    """
 
     source: str = "world"
     root: str = ""
@@ -52,6 +61,7 @@ class DataConfig:
     num_workers: int = 0
     templates: list[str] = field(default_factory=lambda: ["This is a photo of a {}"])
     strict: bool = False
+    classnames: str | None = None
 
 
 @dataclass
@@ -287,8 +297,11 @@ def validate(config: Config) -> None:
             raise ConfigError(f"teachers[{i}].role: '{teacher.role}' is not one of clean, robust")
         if teacher.weight < 0:
             raise ConfigError(f"teachers[{i}].weight: {teacher.weight} must be >= 0")
-    if config.data.source not in ("world", "imagefolder", "imagenet"):
-        raise ConfigError(f"data.source: '{config.data.source}' is not one of world, imagefolder, imagenet")
+    if config.data.source not in DATA_SOURCES:
+        raise ConfigError(f"data.source: '{config.data.source}' is not one of {', '.join(DATA_SOURCES)}")
+    if config.data.classnames and config.data.source not in ("shards", "imagefolder"):
+        raise ConfigError(f"data.classnames: applies to data.source shards and imagefolder, not "
+                          f"'{config.data.source}' (which names its classes itself)")
     config.attack.pgd()  # parses eps and step size
     train = config.train
     if train.steps < 1 or train.global_batch < 1:

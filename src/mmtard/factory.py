@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mmtard.config import Config, DataConfig, ModelConfig
+from mmtard.config import DATA_SOURCES, Config, DataConfig, ModelConfig
 from mmtard.errors import ConfigError
 from mmtard.lora import add_lora
 from mmtard.methods import METHODS, Method, Teacher
@@ -57,9 +57,28 @@ def build_dataset(data: DataConfig):
     if data.source == "imagenet":
         return imagenet_folder(data.root, data.split, image_size=data.image_size or 224,
                                augment=data.augment, strict=data.strict)
+    classnames = read_classnames_file(data.classnames) if data.classnames else None
     if data.source == "imagefolder":
-        return ImageFolderDataset(data.root, image_size=data.image_size, augment=data.augment, strict=data.strict)
-    raise ConfigError(f"data.source: '{data.source}' is not one of world, imagenet, imagefolder")
+        return ImageFolderDataset(data.root, image_size=data.image_size, augment=data.augment, strict=data.strict,
+                                  classnames=classnames)
+    if data.source == "shards":
+        from mmtard.data.shard_index import IndexedShardDataset
+
+        return IndexedShardDataset(data.root, image_size=data.image_size or 224, augment=data.augment,
+                                   strict=data.strict, classnames=classnames, index_dir=cache_root() / "shard-index")
+    raise ConfigError(f"data.source: '{data.source}' is not one of {', '.join(DATA_SOURCES)}")
+
+
+def read_classnames_file(path: str) -> list[str]:
+    """``data.classnames``: one class name per line, in label order (blank lines ignored)."""
+    try:
+        names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    except OSError as exc:
+        raise ConfigError(f"data.classnames: cannot read {path}: {exc.strerror or exc}") from exc
+    names = [n for n in names if n]
+    if not names:
+        raise ConfigError(f"data.classnames: {path} holds no class name (one per line expected)")
+    return names
 
 
 def build_classifier(model_cfg: ModelConfig, classnames: list[str], templates: list[str],

@@ -2,7 +2,8 @@
 
 Classification sets yield ``(image, label, i)``, caption sets ``(image, caption, i)``: image a
 float32 tensor 3xHxW in [0, 1] without mean/std normalisation, ``i`` the index of the sample
-returned (webdataset shards yield their string key instead). Sets carry ``classnames``,
+returned (streamed webdataset shards yield their string key instead; indexed shards, the training
+source, follow the map-style contract). Sets carry ``classnames``,
 ``sample_ids`` and ``root``; ``pop_skipped()`` returns and resets the unreadable files skipped.
 """
 
@@ -11,6 +12,7 @@ from mmtard.data.captions import CaptionCSVDataset
 from mmtard.data.folders import ImageFolderDataset, folder_classnames, imagenet_classnames, imagenet_folder
 from mmtard.data.imagenet_subset import imagenet_val_subset, packaged_subset_list, read_subset_list
 from mmtard.data.images import IMAGE_EXTENSIONS, ImageTransform, SkipLog, load_image, to_rgb
+from mmtard.data.shard_index import IndexedShardDataset
 from mmtard.data.shards import ShardDataset, expand_shards
 from mmtard.data.zeroshot_suite import (
     ZEROSHOT_SUITE,
@@ -26,6 +28,7 @@ __all__ = [
     "ImageFolderDataset",
     "ImageListDataset",
     "ImageTransform",
+    "IndexedShardDataset",
     "ShardDataset",
     "SkipLog",
     "ZeroShotSuiteDataset",

@@ -1,0 +1,220 @@
+"""Webdataset classification shards read by random access, as a map-style dataset for training.
+
+The streaming reader (:class:`mmtard.data.shards.ShardDataset`) suits pre-training on captions;
+training cannot use it: the trainer deals every epoch out by sample index (the same order on any
+number of ranks, resume at the exact sample, the clean-teacher cache keyed by index), and a
+stream has no index. An uncompressed tar is a sequence of 512-byte headers each followed by its
+file's bytes, so one pass over the headers gives every member's offset and size, and a sample can
+then be read with one ``os.pread`` at any position, like a file in a folder.
+
+The index (per sample: shard, offset and size of the image, label, key) is built once and kept
+under ``index_dir`` keyed by the shards' paths, sizes and modification times, so a changed shard
+gives a new index. Samples follow webdataset's grouping: members whose names share everything up
+to the first dot of the base name form one sample; it needs an image (``IMAGE_KEYS``) and a
+``.cls`` member (an integer label).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tarfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mmtard.data.base import first_readable
+from mmtard.data.images import ImageTransform, SkipLog, corrupt_error, decode_image_bytes
+from mmtard.data.shards import IMAGE_KEYS, SHARD_LAYOUT, expand_shards
+from mmtard.errors import DataError
+
+log = logging.getLogger(__name__)
+
+_INDEX_VERSION = 1
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """webdataset's key/extension split: the key runs to the first dot of the base name."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower() if dot else ""
+
+
+def _scan_shard(path: str, strict: bool) -> tuple[list[tuple[int, int, int, str]], list[str]]:
+    """(image offset, image size, label, key) per complete sample of one shard, and the problems."""
+    samples, problems = [], []
+    try:
+        tar = tarfile.open(path, mode="r:")  # "r:" refuses compressed tars: they have no random access
+    except tarfile.ReadError as exc:
+        raise DataError(f"Shard {path} is not an uncompressed tar ({exc}); training reads shards by "
+                        f"random access, which needs plain .tar files. Expected {SHARD_LAYOUT}.") from exc
+    with tar:
+        groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, ext = _split_name(member.name)
+            groups.setdefault(key, {})[ext] = member
+        for key, members in groups.items():
+            image = next((members[e] for e in IMAGE_KEYS if e in members), None)
+            problem = None
+            if image is None:
+                problem = f"no image ({', '.join(IMAGE_KEYS)}) member"
+            elif "cls" not in members:
+                problem = "no .cls member"
+            else:
+                text = tar.extractfile(members["cls"]).read().decode("utf-8", "replace").strip()
+                try:
+                    label = int(text)
+                except ValueError:
+                    problem = f".cls holds {text[:40]!r}, not an integer label"
+            if problem is not None:
+                if strict:
+                    raise DataError(f"Shard {path}, sample {key}: {problem}. Expected {SHARD_LAYOUT}.")
+                problems.append(f"{path}:{key}: {problem}")
+                continue
+            samples.append((image.offset_data, image.size, label, key))
+    return samples, problems
+
+
+def _fingerprint(urls: Sequence[str]) -> str:
+    digest = hashlib.sha256(f"v{_INDEX_VERSION}".encode())
+    for url in urls:
+        stat = os.stat(url)
+        digest.update(f"{os.path.abspath(url)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+def build_index(urls: Sequence[str], strict: bool = False, index_dir: str | Path | None = None) -> dict:
+    """The sample index of ``urls`` (local, uncompressed tars), read from ``index_dir`` when a
+    matching one is there; written there (atomically) after a scan."""
+    cached = Path(index_dir) / f"shard-index-{_fingerprint(urls)}.npz" if index_dir is not None else None
+    if cached is not None and cached.is_file():
+        with np.load(cached, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    shard, offset, size, label, keys = [], [], [], [], []
+    problems: list[str] = []
+    for s, url in enumerate(urls):
+        samples, bad = _scan_shard(url, strict)
+        problems += bad
+        for off, n, lab, key in samples:
+            shard.append(s)
+            offset.append(off)
+            size.append(n)
+            label.append(lab)
+            keys.append(key)
+    if problems:
+        log.warning("%d incomplete samples left out of the shards' index, e.g. %s", len(problems), problems[0])
+    index = {"shard": np.asarray(shard, np.int32), "offset": np.asarray(offset, np.int64),
+             "size": np.asarray(size, np.int64), "label": np.asarray(label, np.int64),
+             "key": np.asarray(keys, dtype=np.str_), "skipped": np.asarray(len(problems), np.int64)}
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, **index)
+        os.replace(tmp, cached)
+    return index
+
+
+def shard_classnames(num_classes: int, classnames: Sequence[str] | None, where: str) -> list[str]:
+    """The class names of classification shards: given (one per label), or ImageNet's for 1 000."""
+    if classnames is not None:
+        if len(classnames) < num_classes:
+            raise DataError(f"{where}: labels go up to {num_classes - 1} but only {len(classnames)} "
+                            "class names were given")
+        return list(classnames)
+    if num_classes == 1000:
+        from mmtard.data.folders import imagenet_classnames
+
+        return imagenet_classnames()
+    raise DataError(f"{where}: {num_classes} classes and no class names; set data.classnames to a text file "
+                    "with one class name per line, in label order")
+
+
+class IndexedShardDataset(Dataset):
+    """``dataset[i]`` is ``(image, label, i)`` over local webdataset classification shards.
+
+    Contract of :mod:`mmtard.data.base`: unreadable images are replaced by the next readable
+    sample (counted in ``skip_log``) unless ``strict``; ``sample_ids`` are ``<shard name>:<key>``.
+
+    Args:
+        urls: shard paths or brace patterns (``::`` separates several); local files only.
+        image_size: None keeps native size; an int resizes the shorter side and centre-crops.
+        augment: random resized crop + horizontal flip.
+        strict: raise on an incomplete sample or unreadable image instead of skipping it.
+        classnames: one name per label; ImageNet's when None and there are 1 000 classes.
+        index_dir: folder where the index is kept between runs (None: scan every time).
+    """
+
+    def __init__(self, urls: str | Sequence[str], image_size: int | None = None, augment: bool = False,
+                 strict: bool = False, classnames: Sequence[str] | None = None,
+                 index_dir: str | Path | None = None):
+        self.urls = expand_shards(urls)
+        remote = [u for u in self.urls if "://" in u or u.startswith("pipe:")]
+        if remote:
+            raise DataError(f"Shard {remote[0]} is not a local file: training reads shards by random access; "
+                            "copy them to a local or mounted disk first")
+        index = build_index(self.urls, strict, index_dir)
+        if len(index["label"]) == 0:
+            raise DataError(f"No complete sample (image + .cls) in {self.urls[0]} and the other shards. "
+                            f"Expected {SHARD_LAYOUT}.")
+        self._shard, self._offset, self._size = index["shard"], index["offset"], index["size"]
+        self.targets = index["label"].tolist()
+        names = [Path(u).name for u in self.urls]
+        self.sample_ids = [f"{names[s]}:{k}" for s, k in zip(self._shard.tolist(), index["key"].tolist())]
+        self.root = Path(self.urls[0]).parent
+        self.classnames = shard_classnames(max(self.targets) + 1, classnames, str(self.root))
+        self.strict = strict
+        self.transform = ImageTransform(image_size, augment)
+        self.skip_log = SkipLog()
+        self._fds: dict[int, int] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        img, i = first_readable(index, len(self), self._try_load, f"No readable image in the shards of {self.root}")
+        return self.transform(img), self.targets[i], i
+
+    def pop_skipped(self) -> tuple[int, list[str]]:
+        """Number and ids of samples skipped since the last call, then resets them."""
+        return self.skip_log.pop()
+
+    def _read(self, i: int) -> bytes:
+        if self._pid != os.getpid():  # a DataLoader worker: descriptors are per process
+            self._fds, self._pid = {}, os.getpid()
+        s = int(self._shard[i])
+        if s not in self._fds:
+            self._fds[s] = os.open(self.urls[s], os.O_RDONLY)
+        size = int(self._size[i])
+        data = os.pread(self._fds[s], size, int(self._offset[i]))
+        if len(data) != size:
+            raise DataError(f"shard {self.urls[s]} ends before the sample's {size} bytes (truncated?)")
+        return data
+
+    def _try_load(self, i: int):
+        try:
+            return decode_image_bytes(self._read(i))
+        except Exception as exc:  # noqa: BLE001 - any broken sample is replaced or reported
+            if self.strict:
+                raise corrupt_error(self.sample_ids[i], exc) from exc
+            self.skip_log.record(self.sample_ids[i], f"{type(exc).__name__}: {exc}")
+            return None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_fds"] = {}  # descriptors do not travel to worker processes
+        return state
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
