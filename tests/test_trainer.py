@@ -126,6 +126,47 @@ def test_resume_continues_the_same_trajectory(world_dir, tmp_path, monkeypatch):
     assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]
 
 
+def test_augmented_resume_with_workers_continues_the_same_trajectory(world_dir, tmp_path, monkeypatch):
+    """With augmentation each sample's crop is drawn from (seed, epoch, index): an uninterrupted
+    run without workers and a run with 2 workers killed after step 2 and resumed end identical."""
+    base = tiny_overrides(world_dir, steps=4, **{"data.augment": "true"})
+    straight = Trainer(load_config(None, base), tmp_path / "a", show_progress=False)
+    straight.train()
+
+    workers = tiny_overrides(world_dir, steps=4, **{"data.augment": "true", "data.num_workers": 2})
+    original = Trainer._save_checkpoint
+
+    def save_then_stop(self):
+        original(self)
+        if self.step == 2:
+            raise _Stop
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_stop)
+    with pytest.raises(_Stop):
+        Trainer(load_config(None, workers), tmp_path / "b", show_progress=False).train()
+    monkeypatch.setattr(Trainer, "_save_checkpoint", original)
+    Trainer(load_config(None, workers), tmp_path / "b", show_progress=False).train()
+    a = load_file(str(tmp_path / "a" / "student.safetensors"))
+    b = load_file(str(tmp_path / "b" / "student.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows_a = list(csv.DictReader(open(tmp_path / "a" / "metrics.csv")))
+    rows_b = list(csv.DictReader(open(tmp_path / "b" / "metrics.csv")))
+    assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]
+
+
+def test_augmentation_is_seeded_per_sample_and_leaves_the_global_stream(world_dir):
+    from mmtard.data.base import SeededSamples, augmentation_seed
+    from mmtard.world import load_world
+
+    ds = SeededSamples(load_world(world_dir).classification("train", augment=True))
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    first = ds[(5, augmentation_seed(0, 1, 5))][0]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(ds[(5, augmentation_seed(0, 1, 5))][0], first)
+    assert not torch.equal(ds[(5, augmentation_seed(0, 2, 5))][0], first)  # another epoch, another crop
+
+
 def test_clean_teacher_cache_gives_the_same_loss(world_dir, tmp_path):
     def loss_of(cache: bool, folder):
         overrides = tiny_overrides(world_dir, steps=1, **{"train.clean_teacher_cache": str(cache).lower()})

@@ -69,6 +69,33 @@ def first_readable(index: int, n: int, load: Callable[[int], Any], failure: str)
     raise DataError(f"{failure} ({n} tried).")
 
 
+def augmentation_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of sample ``index``'s augmentation in ``epoch``: a function of the three alone."""
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (2**63)
+
+
+class SeededSamples(Dataset):
+    """Reads ``(index, seed)`` keys: each sample's random augmentation is drawn from its own seed.
+
+    Without it, augmentation draws from each DataLoader worker's stream, which depends on how many
+    workers there are and where the loader was started, so a resumed run (or another
+    ``num_workers``) would crop differently from an uninterrupted one. The global torch RNG of the
+    reading process is restored afterwards (with ``num_workers=0`` that is the trainer's own).
+    """
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
 class ImageListDataset(Dataset):
     """Images listed as files with one target each.
 
