@@ -4,10 +4,12 @@ wired in."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mmtard.attacks import PGDConfig, pgd, pgd_iteration
 from mmtard.config import load_config
+from mmtard.errors import ConfigError
 from mmtard.speed import compile_attack_iteration, compile_method, image_towers, input_grad_only
 from mmtard.trainer import Trainer
 
@@ -126,10 +128,12 @@ def test_compiled_attack_iteration_gives_the_eager_attack_in_one_graph():
     assert model[1].weight.grad is None
 
 
-def test_compiled_attack_in_the_trainer_gives_the_eager_loss(world_dir, tmp_path):
-    """The real mmt_ard step with the compiled attack iteration (dynamo + AOTAutograd): the eager
-    loss, and the iteration is traced once over several steps."""
-    config = load_config(None, _overrides(world_dir, **{"attack.steps": 2, "train.precision": "fp32"}))
+@pytest.mark.parametrize("method", ["mmt_ard", "ard", "mtard", "tecoa", "fare", "pmg_aft"])
+def test_compiled_attack_in_the_trainer_gives_the_eager_loss(world_dir, tmp_path, method):
+    """Each method's attack loss with the compiled iteration (dynamo + AOTAutograd, fullgraph): the
+    eager loss, and the iteration is traced once over several steps."""
+    config = load_config(None, _overrides(world_dir, **{"attack.steps": 2, "train.precision": "fp32",
+                                                        "method.name": method}))
     trainer = Trainer(config, tmp_path / "run", show_progress=False)
     trainer.method.train()
     batch = _batch(trainer)
@@ -153,3 +157,5 @@ def test_train_compile_attack_switch(world_dir, tmp_path):
     assert all(t._compiled_call_impl is None for t in image_towers(on.method))  # towers: train.compile
     off = Trainer(load_config(None, _overrides(world_dir)), tmp_path / "off", show_progress=False)
     assert off.method.attack_iteration is pgd_iteration
+    with pytest.raises(ConfigError, match="train.compile_attack cannot be combined with train.lora"):
+        load_config(None, _overrides(world_dir, **{"train.compile_attack": "true", "train.lora": "true"}))

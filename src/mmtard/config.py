@@ -312,6 +312,10 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.precision: '{train.precision}' is not one of auto, fp32, bf16")
     if not 0 <= train.warmup_frac < 1:
         raise ConfigError(f"train.warmup_frac: {train.warmup_frac} must be in [0, 1)")
+    if train.compile_attack and train.lora:
+        raise ConfigError("train.compile_attack cannot be combined with train.lora: peft's LoRA on "
+                          "nn.MultiheadAttention merges its weights in place at every forward, which a single "
+                          "compiled graph cannot contain; turn one of them off")
     METHODS[method.name].check_config(config)
 
 
