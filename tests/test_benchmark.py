@@ -40,3 +40,14 @@ def test_tiny_benchmark_prints_every_field(tmp_path):
     assert "loss_fp32" in results["check_eager"]
     assert "profile" in results and "Self CPU" in proc.stdout
     assert re.search(r"\(b\) eager +cache", proc.stdout)
+
+
+def test_shard_read_benchmark_runs(tmp_path):
+    script = SCRIPT.parent / "shard_read.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MMTARD_CACHE_DIR=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, str(script), "--samples", "40", "--shards", "2", "--classes", "4",
+                           "--reads", "10", "--image-px", "32"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert names == ["write", "index", "read", "read"]
+    assert re.search(r"RESULT read source=shards reads=10 seconds=\S+ samples_per_s=\S+", proc.stdout)
