@@ -98,13 +98,48 @@ def test_incomplete_and_corrupt_samples(folder, tmp_path):
         _add(tar, "c.png", good)
         _add(tar, "c.cls", b"3")
     ds = IndexedShardDataset(str(path), classnames=list("abcd"))
-    assert ds.targets == [1, 2, 3]  # the sample without a label is left out of the index
+    assert ds.targets.tolist() == [1, 2, 3]  # the sample without a label is left out of the index
     image, label, index = ds[1]     # the broken image is replaced by the next readable sample
     assert (label, index) == (3, 2)
     count, ids = ds.pop_skipped()
     assert count == 1 and ids == ["bad.tar:broken"]
     with pytest.raises(DataError, match=r"bad\.tar, sample nolabel: no \.cls member"):
         IndexedShardDataset(str(path), classnames=list("abcd"), strict=True)
+    # a lenient index kept on disk does not let a strict run through
+    IndexedShardDataset(str(path), classnames=list("abcd"), index_dir=tmp_path / "index")
+    with pytest.raises(DataError, match="no .cls member"):
+        IndexedShardDataset(str(path), classnames=list("abcd"), strict=True, index_dir=tmp_path / "index")
+
+
+def test_negative_label_truncated_and_empty_shards_are_named(folder, tmp_path):
+    good = Path(folder.files[0]).read_bytes()
+    negative = tmp_path / "negative.tar"
+    with tarfile.open(negative, "w") as tar:
+        _add(tar, "a.png", good)
+        _add(tar, "a.cls", b"-1")
+    with pytest.raises(DataError, match=r"negative\.tar, sample a: \.cls holds '-1', not a label"):
+        IndexedShardDataset(str(negative), classnames=["x"], strict=True)
+    whole = write_shards(folder, tmp_path / "whole", per_shard=6, limit=6)[0]
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes(whole.read_bytes()[:1500])
+    with pytest.raises(DataError, match=r"truncated\.tar cannot be read to its end"):
+        IndexedShardDataset(str(truncated), classnames=["x"] * 30)
+    empty = tmp_path / "empty.tar"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match=r"empty\.tar is empty"):
+        IndexedShardDataset(str(empty), classnames=["x"])
+
+
+def test_open_shard_files_are_bounded(folder, shards, monkeypatch):
+    pattern, _ = shards
+    monkeypatch.setattr(shard_index, "OPEN_SHARDS", 2)
+    ds = IndexedShardDataset(pattern, classnames=[str(k) for k in range(len(folder.classnames))])
+    for i in (0, 15, 25, 5, 12, 29):  # shards 0, 1, 2, 0, 1, 2: each read past the limit evicts one
+        image, _, _ = ds[i]
+        torch.testing.assert_close(image, folder[i][0], rtol=0, atol=0)
+        assert len(ds._fds) <= 2
+    assert list(ds._fds) == [1, 2]
+    assert ds.sample_ids[28:] == ["train-000002.tar:s000028", "train-000002.tar:s000029"]
 
 
 def test_what_cannot_be_read_by_random_access_is_refused(folder, tmp_path):
@@ -138,3 +173,18 @@ def test_training_on_shards_with_workers(world_dir, folder, tmp_path, capsys):
     missing = tiny_overrides(world_dir, **data, **{"data.classnames": str(tmp_path / "missing.txt")})
     assert main(["-q", "distill", "--config", str(config), "--out", str(tmp_path / "run2"), *missing]) == 2
     assert "data.classnames: cannot read" in capsys.readouterr().err
+
+
+def test_class_names_file(tmp_path):
+    from mmtard.errors import ConfigError
+    from mmtard.factory import read_classnames_file
+
+    names = tmp_path / "names.txt"
+    names.write_text("cat\n  dog \n\n\n")
+    assert read_classnames_file(str(names)) == ["cat", "dog"]  # trailing blank lines are fine
+    names.write_text("cat\n\ndog\n")
+    with pytest.raises(ConfigError, match=r"names\.txt line 2 is blank"):
+        read_classnames_file(str(names))
+    names.write_text("\n\n")
+    with pytest.raises(ConfigError, match="holds no class name"):
+        read_classnames_file(str(names))

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmtard import teacher_cache
 from mmtard.distributed import node_index
 from mmtard.errors import DataError
 from mmtard.teacher_cache import CleanTeacherCache
+
+IDS = [f"img{i}.png" for i in range(10)]
 
 
 class _Teacher(nn.Module):
@@ -35,46 +41,73 @@ def data():
 
 def test_ranks_of_a_node_share_rows(tmp_path, data):
     teacher, images = data
-    rank0 = CleanTeacherCache(tmp_path, num_samples=10, node=0)
-    rank1 = CleanTeacherCache(tmp_path, num_samples=10, node=0)
+    rank0 = CleanTeacherCache(tmp_path, IDS, node=0)
+    rank1 = CleanTeacherCache(tmp_path, IDS, node=0)
     ids = torch.tensor([1, 4, 7])
     first = rank0.lookup(0, teacher, images[ids], ids)
     again = rank1.lookup(0, teacher, images[ids], ids)  # the other rank: no forward
     torch.testing.assert_close(again, first)
     assert (rank0.misses, rank1.misses, rank1.hits, teacher.calls) == (3, 0, 3, 3)
     torch.testing.assert_close(first, teacher.image_embed(images[ids]))
-    other_node = CleanTeacherCache(tmp_path, num_samples=10, node=1)
+    other_node = CleanTeacherCache(tmp_path, IDS, node=1)
     other_node.lookup(0, teacher, images[ids], ids)
     assert other_node.misses == 3
+    digest = rank0.samples
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "teacher0-node0.f32", "teacher0-node0.mask", "teacher0-node1.f32", "teacher0-node1.mask"]
+        f"teacher0-node0-{digest}.f32", f"teacher0-node0-{digest}.mask",
+        f"teacher0-node1-{digest}.f32", f"teacher0-node1-{digest}.mask"]
 
 
 def test_a_marked_row_that_was_never_written_is_recomputed(tmp_path, data):
     teacher, images = data
-    cache = CleanTeacherCache(tmp_path, num_samples=10)
+    cache = CleanTeacherCache(tmp_path, IDS)
     ids = torch.arange(4)
     expected = cache.lookup(0, teacher, images[ids], ids)
     cache.flush()
     # the machine went down after the mask reached the disk but before row 2 and a stray row 8 did
-    values = np.memmap(tmp_path / "teacher0-node0.f32", dtype=np.float32, mode="r+", shape=(10, 6))
-    mask = np.memmap(tmp_path / "teacher0-node0.mask", dtype=np.bool_, mode="r+", shape=(10,))
+    stem = f"teacher0-node0-{cache.samples}"
+    values = np.memmap(tmp_path / f"{stem}.f32", dtype=np.float32, mode="r+", shape=(10, 6))
+    mask = np.memmap(tmp_path / f"{stem}.mask", dtype=np.bool_, mode="r+", shape=(10,))
     values[2] = 0.0
     values[3, :3] = 0.0
     mask[8] = True
     values.flush()
     mask.flush()
-    reopened = CleanTeacherCache(tmp_path, num_samples=10)
+    reopened = CleanTeacherCache(tmp_path, IDS)
     got = reopened.lookup(0, teacher, images[ids], ids)
     assert reopened.invalid == 3 and reopened.misses == 2 and reopened.hits == 2
     torch.testing.assert_close(got, expected)
 
 
-def test_a_cache_of_another_dataset_size_is_refused_by_name(tmp_path, data):
+def test_another_dataset_or_teacher_width_never_reads_these_rows(tmp_path, data):
     teacher, images = data
-    CleanTeacherCache(tmp_path, num_samples=10).lookup(0, teacher, images[:2], torch.arange(2))
-    with pytest.raises(DataError, match=r"teacher0-node0\.f32 has 240 bytes where this dataset needs 288"):
-        CleanTeacherCache(tmp_path, num_samples=12).lookup(0, teacher, images[:2], torch.arange(2))
+    first = CleanTeacherCache(tmp_path, IDS)
+    first.lookup(0, teacher, images[:2], torch.arange(2))
+    renamed = CleanTeacherCache(tmp_path, IDS[:9] + ["other.png"])  # same size, other samples
+    renamed.lookup(0, teacher, images[:2], torch.arange(2))
+    assert renamed.misses == 2 and renamed.samples != first.samples
+    wider = _Teacher(dim=8)  # same dataset, a teacher of another width: refused by name
+    with pytest.raises(DataError, match=rf"teacher0-node0-{first.samples}\.f32 has 240 bytes where \(10, 8\)"):
+        CleanTeacherCache(tmp_path, IDS).lookup(0, wider, images[:2], torch.arange(2))
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_ranks_racing_to_create_the_files_share_one(tmp_path, monkeypatch, hard_links):
+    """Another rank creates (and fills) the file between our existence check and our link."""
+    path = tmp_path / "table.f32"
+    real_link = os.link
+
+    def other_rank_first(src, dst):
+        if not Path(dst).exists():
+            Path(dst).write_bytes(b"\x01" * 40)  # the other rank's file, already written to
+        if not hard_links:
+            raise OSError(1, "Operation not permitted")
+        return real_link(src, dst)
+
+    monkeypatch.setattr(teacher_cache.os, "link", other_rank_first)
+    table = teacher_cache._open(path, np.float32, (10,))
+    assert table.shape == (10,) and bytes(table.tobytes()) == b"\x01" * 40  # theirs, not a fresh one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.f32"]  # no temporary left behind
 
 
 def test_node_index_from_torchrun_environment(monkeypatch):

@@ -70,15 +70,20 @@ def build_dataset(data: DataConfig):
 
 
 def read_classnames_file(path: str) -> list[str]:
-    """``data.classnames``: one class name per line, in label order (blank lines ignored)."""
+    """``data.classnames``: one class name per line, in label order. Blank lines may only end the
+    file: one in the middle would shift every later label onto the wrong name."""
     try:
-        names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
     except OSError as exc:
         raise ConfigError(f"data.classnames: cannot read {path}: {exc.strerror or exc}") from exc
-    names = [n for n in names if n]
-    if not names:
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines:
         raise ConfigError(f"data.classnames: {path} holds no class name (one per line expected)")
-    return names
+    if "" in lines:
+        raise ConfigError(f"data.classnames: {path} line {lines.index('') + 1} is blank; every label from 0 "
+                          "up needs a name, one per line")
+    return lines
 
 
 def build_classifier(model_cfg: ModelConfig, classnames: list[str], templates: list[str],

@@ -4,8 +4,9 @@ A frozen teacher's output on a fixed image never changes, so once a sample has b
 teacher's forward pass (a large ViT-L in the paper) is replaced by a read from a memory-mapped
 file. Only valid when the training images are not augmented (the trainer checks this).
 
-One pair of files per teacher and per machine (``teacher<i>-node<n>.f32`` and ``.mask``): every
-rank of a node reads and writes the same rows. Each epoch deals the samples out to the ranks
+One pair of files per teacher and per machine (``teacher<i>-node<n>-<samples>.f32`` and ``.mask``,
+``<samples>`` a digest of the dataset's sample ids, so another dataset never reads these rows):
+every rank of a node reads and writes the same rows. Each epoch deals the samples out to the ranks
 afresh, so with a cache per rank a rank would meet most samples for the first time in every one
 of the first epochs (with 8 ranks, a per-rank cache is half full after 5 epochs); shared, the
 cache is full after one epoch, and one copy sits on disk instead of one per rank. Nodes never
@@ -18,9 +19,12 @@ went down between the two writes reaching the disk) is marked missing and comput
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -36,18 +40,37 @@ _NORM_TOLERANCE = 1e-2
 _CHECK_ROWS = 65536  # rows read at once when an existing cache is checked
 
 
+def samples_digest(sample_ids: Sequence[str]) -> str:
+    """A short digest of a dataset's sample ids, in order: the rows' meaning."""
+    digest = hashlib.sha256()
+    for sample_id in sample_ids:
+        digest.update(sample_id.encode("utf-8", "surrogateescape"))
+        digest.update(b"\0")
+    return digest.hexdigest()[:12]
+
+
 def _create_once(path: Path, nbytes: int) -> None:
-    """Create ``path`` as ``nbytes`` zero bytes unless it exists; safe when several ranks race
-    (the file appears whole, through a hard link that fails if another rank made it first)."""
+    """Create ``path`` as ``nbytes`` zero bytes unless it exists; safe when several ranks race:
+    the file appears whole, through a hard link that fails if another rank made it first. On a
+    file system without hard links, an exclusive create sized at once (a rank that sees it
+    half-made waits, see :func:`_open`)."""
     if path.exists():
         return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.uname().nodename}.{os.getpid()}.tmp")
     with open(tmp, "wb") as handle:
         handle.truncate(nbytes)
     try:
         os.link(tmp, path)
     except FileExistsError:
         pass
+    except OSError:  # no hard links here
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            pass
+        else:
+            os.ftruncate(fd, nbytes)
+            os.close(fd)
     finally:
         tmp.unlink()
 
@@ -56,12 +79,16 @@ def _open(path: Path, dtype, shape: tuple[int, ...]) -> np.memmap:
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     existed = path.exists()
     _create_once(path, nbytes)
-    size = path.stat().st_size
+    for _ in range(50):  # a file another rank created without hard links may be sized a moment later
+        size = path.stat().st_size
+        if size != 0:
+            break
+        time.sleep(0.1)
     if size != nbytes:
         raise DataError(
-            f"clean-teacher cache {path} has {size} bytes where this dataset needs {nbytes} "
-            f"(shape {shape}): the dataset changed since the cache was written; delete {path.parent} "
-            "(it is rebuilt) or train in a new run folder"
+            f"clean-teacher cache {path} has {size} bytes where {shape} rows of {np.dtype(dtype).name} "
+            f"need {nbytes}: it was written with other teacher embeddings (another model width); delete "
+            f"{path} (it is rebuilt) or train in a new run folder"
         )
     if existed:
         log.info("clean-teacher cache: reusing %s", path)
@@ -69,10 +96,14 @@ def _open(path: Path, dtype, shape: tuple[int, ...]) -> np.memmap:
 
 
 class CleanTeacherCache(TeacherEmbeddingCache):
-    def __init__(self, folder: str | Path, num_samples: int, node: int = 0):
+    """Clean-teacher embeddings of one dataset, one memory-mapped table per teacher, shared by the
+    ranks of node ``node``; rows are filled on first sight and read afterwards."""
+
+    def __init__(self, folder: str | Path, sample_ids: Sequence[str], node: int = 0):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.num_samples = num_samples
+        self.num_samples = len(sample_ids)
+        self.samples = samples_digest(sample_ids)
         self.node = node
         self._tables: dict[int, tuple[np.memmap, np.memmap]] = {}
         self.hits = 0
@@ -81,7 +112,7 @@ class CleanTeacherCache(TeacherEmbeddingCache):
 
     def _table(self, teacher_index: int, dim: int) -> tuple[np.memmap, np.memmap]:
         if teacher_index not in self._tables:
-            stem = self.folder / f"teacher{teacher_index}-node{self.node}"
+            stem = self.folder / f"teacher{teacher_index}-node{self.node}-{self.samples}"
             values = _open(stem.with_suffix(".f32"), np.float32, (self.num_samples, dim))
             mask = _open(stem.with_suffix(".mask"), np.bool_, (self.num_samples,))
             self._unmask_unwritten(values, mask)

@@ -118,6 +118,9 @@ class Trainer:
         # same everywhere; the per-rank streams (augmentation, dropout) start after that.
         torch.manual_seed(config.train.seed)
 
+        if config.data.source == "shards" and self.env.enabled:
+            # rank 0 scans the shards and keeps the index; the other ranks then load it
+            run_on_main(lambda: build_dataset(config.data) and None)
         self.dataset = build_dataset(config.data)
         if len(self.dataset) < self.plan.micro_batch * self.env.world_size:
             raise ConfigError(f"the dataset has {len(self.dataset)} samples, fewer than one global micro-batch")
@@ -128,7 +131,7 @@ class Trainer:
         torch.manual_seed(config.train.seed + self.env.rank)
         if config.train.clean_teacher_cache and not config.data.augment and teachers:
             self.method.clean_cache = CleanTeacherCache(self.run_dir / "cache" / "clean_teacher",
-                                                        len(self.dataset), node=self.env.node)
+                                                        self.dataset.sample_ids, node=self.env.node)
         self.trainable = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=config.train.lr, weight_decay=config.train.weight_decay,
                                            **({"fused": True} if self.device.type == "cuda" else {}))

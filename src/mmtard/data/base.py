@@ -12,6 +12,7 @@ import random
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -70,8 +71,10 @@ def first_readable(index: int, n: int, load: Callable[[int], Any], failure: str)
 
 
 def augmentation_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of sample ``index``'s augmentation in ``epoch``: a function of the three alone."""
-    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (2**63)
+    """The seed of sample ``index``'s augmentation in ``epoch``: a function of the three alone,
+    hashed (numpy's SeedSequence), so distinct triples do not collide the way an affine mix does."""
+    words = np.random.SeedSequence([seed % 2**63, epoch, index]).generate_state(2, np.uint32)
+    return int(words[0]) << 31 | int(words[1]) >> 1
 
 
 class SeededSamples(Dataset):
@@ -79,8 +82,9 @@ class SeededSamples(Dataset):
 
     Without it, augmentation draws from each DataLoader worker's stream, which depends on how many
     workers there are and where the loader was started, so a resumed run (or another
-    ``num_workers``) would crop differently from an uninterrupted one. The global torch RNG of the
-    reading process is restored afterwards (with ``num_workers=0`` that is the trainer's own).
+    ``num_workers``) would crop differently from an uninterrupted one. The CPU torch RNG of the
+    reading process is restored afterwards (with ``num_workers=0`` that is the trainer's own); the
+    GPU's is never touched.
     """
 
     def __init__(self, dataset: Dataset):
@@ -89,10 +93,12 @@ class SeededSamples(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]):
+    def __getitem__(self, key: tuple[int, int]) -> Any:
         index, seed = key
+        # CPU generator only: torch.manual_seed would also reseed the GPU's, which fork_rng(devices=[])
+        # does not restore (and augmentation runs on the CPU).
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             return self.dataset[index]
 
 

@@ -17,10 +17,11 @@ to the first dot of the base name form one sample; it needs an image (``IMAGE_KE
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import tarfile
+import tempfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
@@ -29,13 +30,18 @@ import torch
 from torch.utils.data import Dataset
 
 from mmtard.data.base import first_readable
+from PIL import Image
+
 from mmtard.data.images import ImageTransform, SkipLog, corrupt_error, decode_image_bytes
 from mmtard.data.shards import IMAGE_KEYS, SHARD_LAYOUT, expand_shards
 from mmtard.errors import DataError
 
 log = logging.getLogger(__name__)
 
-_INDEX_VERSION = 1
+_INDEX_VERSION = 2
+#: shard files a process keeps open at once (ImageNet comes in hundreds of shards, and every
+#: DataLoader worker would otherwise hold them all against the descriptor limit)
+OPEN_SHARDS = 16
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -47,6 +53,8 @@ def _split_name(name: str) -> tuple[str, str]:
 
 def _scan_shard(path: str, strict: bool) -> tuple[list[tuple[int, int, int, str]], list[str]]:
     """(image offset, image size, label, key) per complete sample of one shard, and the problems."""
+    if os.path.getsize(path) == 0:
+        raise DataError(f"Shard {path} is empty (0 bytes). Expected {SHARD_LAYOUT}.")
     samples, problems = [], []
     try:
         tar = tarfile.open(path, mode="r:")  # "r:" refuses compressed tars: they have no random access
@@ -55,11 +63,15 @@ def _scan_shard(path: str, strict: bool) -> tuple[list[tuple[int, int, int, str]
                         f"random access, which needs plain .tar files. Expected {SHARD_LAYOUT}.") from exc
     with tar:
         groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, ext = _split_name(member.name)
-            groups.setdefault(key, {})[ext] = member
+        try:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = _split_name(member.name)
+                groups.setdefault(key, {})[ext] = member
+        except tarfile.TarError as exc:
+            raise DataError(f"Shard {path} cannot be read to its end ({exc}): truncated or damaged; "
+                            "rewrite it or leave it out of data.root") from exc
         for key, members in groups.items():
             image = next((members[e] for e in IMAGE_KEYS if e in members), None)
             problem = None
@@ -69,10 +81,9 @@ def _scan_shard(path: str, strict: bool) -> tuple[list[tuple[int, int, int, str]
                 problem = "no .cls member"
             else:
                 text = tar.extractfile(members["cls"]).read().decode("utf-8", "replace").strip()
-                try:
-                    label = int(text)
-                except ValueError:
-                    problem = f".cls holds {text[:40]!r}, not an integer label"
+                label = int(text) if text.isdigit() else None
+                if label is None:
+                    problem = f".cls holds {text[:40]!r}, not a label (an integer >= 0)"
             if problem is not None:
                 if strict:
                     raise DataError(f"Shard {path}, sample {key}: {problem}. Expected {SHARD_LAYOUT}.")
@@ -82,21 +93,31 @@ def _scan_shard(path: str, strict: bool) -> tuple[list[tuple[int, int, int, str]
     return samples, problems
 
 
-def _fingerprint(urls: Sequence[str]) -> str:
-    digest = hashlib.sha256(f"v{_INDEX_VERSION}".encode())
+def _fingerprint(urls: Sequence[str], strict: bool) -> str:
+    """Index version, strictness (a lenient index leaves out what a strict one refuses), and each
+    shard's path, size and modification time."""
+    digest = hashlib.sha256(f"v{_INDEX_VERSION}|strict={strict}".encode())
     for url in urls:
         stat = os.stat(url)
         digest.update(f"{os.path.abspath(url)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:24]
 
 
-def build_index(urls: Sequence[str], strict: bool = False, index_dir: str | Path | None = None) -> dict:
+def build_index(urls: Sequence[str], strict: bool = False, index_dir: str | Path | None = None) -> dict[str, np.ndarray]:
     """The sample index of ``urls`` (local, uncompressed tars), read from ``index_dir`` when a
-    matching one is there; written there (atomically) after a scan."""
-    cached = Path(index_dir) / f"shard-index-{_fingerprint(urls)}.npz" if index_dir is not None else None
-    if cached is not None and cached.is_file():
-        with np.load(cached, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
+    matching one is there; written there (atomically) after a scan.
+
+    Returns arrays of one entry per sample: ``shard`` (position in ``urls``), ``offset`` and
+    ``size`` of the image bytes, ``label``, ``key``; and ``skipped``, the number of incomplete
+    samples left out.
+    """
+    kept = Path(index_dir) / f"shard-index-{_fingerprint(urls, strict)}.npz" if index_dir is not None else None
+    if kept is not None and kept.is_file():
+        with np.load(kept, allow_pickle=False) as data:
+            index = {k: data[k] for k in data.files}
+        if int(index["skipped"]):
+            log.warning("%d incomplete samples are left out of the shards' index (%s)", int(index["skipped"]), kept)
+        return index
     shard, offset, size, label, keys = [], [], [], [], []
     problems: list[str] = []
     for s, url in enumerate(urls):
@@ -113,11 +134,12 @@ def build_index(urls: Sequence[str], strict: bool = False, index_dir: str | Path
     index = {"shard": np.asarray(shard, np.int32), "offset": np.asarray(offset, np.int64),
              "size": np.asarray(size, np.int64), "label": np.asarray(label, np.int64),
              "key": np.asarray(keys, dtype=np.str_), "skipped": np.asarray(len(problems), np.int64)}
-    if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, **index)
-        os.replace(tmp, cached)
+    if kept is not None:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=f".{kept.stem}.", suffix=".npz", dir=kept.parent)
+        with os.fdopen(handle, "wb") as stream:
+            np.savez(stream, **index)
+        os.replace(tmp, kept)
     return index
 
 
@@ -164,57 +186,90 @@ class IndexedShardDataset(Dataset):
             raise DataError(f"No complete sample (image + .cls) in {self.urls[0]} and the other shards. "
                             f"Expected {SHARD_LAYOUT}.")
         self._shard, self._offset, self._size = index["shard"], index["offset"], index["size"]
-        self.targets = index["label"].tolist()
-        names = [Path(u).name for u in self.urls]
-        self.sample_ids = [f"{names[s]}:{k}" for s, k in zip(self._shard.tolist(), index["key"].tolist())]
+        self._keys = index["key"]
+        self._names = [Path(u).name for u in self.urls]
+        self.targets = index["label"]  # numpy, not a list: no per-item objects copied into workers
         self.root = Path(self.urls[0]).parent
-        self.classnames = shard_classnames(max(self.targets) + 1, classnames, str(self.root))
+        self.classnames = shard_classnames(int(self.targets.max()) + 1, classnames, str(self.root))
         self.strict = strict
         self.transform = ImageTransform(image_size, augment)
         self.skip_log = SkipLog()
-        self._fds: dict[int, int] = {}
+        self._fds: OrderedDict[int, int] = OrderedDict()
         self._pid = os.getpid()
 
     def __len__(self) -> int:
         return len(self.targets)
 
+    @property
+    def sample_ids(self) -> _SampleIds:
+        return _SampleIds(self._names, self._shard, self._keys)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         img, i = first_readable(index, len(self), self._try_load, f"No readable image in the shards of {self.root}")
-        return self.transform(img), self.targets[i], i
+        return self.transform(img), int(self.targets[i]), i
 
     def pop_skipped(self) -> tuple[int, list[str]]:
         """Number and ids of samples skipped since the last call, then resets them."""
         return self.skip_log.pop()
 
+    def _descriptor(self, shard: int) -> int:
+        """An open descriptor of ``shard``; at most :data:`OPEN_SHARDS` per process, least recently
+        used closed first. Descriptors are per process: a DataLoader worker opens its own."""
+        if self._pid != os.getpid():
+            self._fds, self._pid = OrderedDict(), os.getpid()
+        if shard in self._fds:
+            self._fds.move_to_end(shard)
+            return self._fds[shard]
+        if len(self._fds) >= OPEN_SHARDS:
+            os.close(self._fds.popitem(last=False)[1])
+        self._fds[shard] = os.open(self.urls[shard], os.O_RDONLY)
+        return self._fds[shard]
+
     def _read(self, i: int) -> bytes:
-        if self._pid != os.getpid():  # a DataLoader worker: descriptors are per process
-            self._fds, self._pid = {}, os.getpid()
-        s = int(self._shard[i])
-        if s not in self._fds:
-            self._fds[s] = os.open(self.urls[s], os.O_RDONLY)
-        size = int(self._size[i])
-        data = os.pread(self._fds[s], size, int(self._offset[i]))
+        """The image bytes of sample ``i``. I/O errors propagate: they are not a bad image."""
+        s, size = int(self._shard[i]), int(self._size[i])
+        data = os.pread(self._descriptor(s), size, int(self._offset[i]))
         if len(data) != size:
-            raise DataError(f"shard {self.urls[s]} ends before the sample's {size} bytes (truncated?)")
+            raise DataError(f"Shard {self.urls[s]} ends before sample {self._keys[i]}'s {size} bytes: "
+                            "it changed or was truncated after it was indexed")
         return data
 
-    def _try_load(self, i: int):
+    def _try_load(self, i: int) -> Image.Image | None:
+        data = self._read(i)
         try:
-            return decode_image_bytes(self._read(i))
-        except Exception as exc:  # noqa: BLE001 - any broken sample is replaced or reported
+            return decode_image_bytes(data)
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for undecodable bytes
+            sid = self.sample_ids[i]
             if self.strict:
-                raise corrupt_error(self.sample_ids[i], exc) from exc
-            self.skip_log.record(self.sample_ids[i], f"{type(exc).__name__}: {exc}")
+                raise corrupt_error(sid, exc) from exc
+            self.skip_log.record(sid, f"{type(exc).__name__}: {exc}")
             return None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_fds"] = {}  # descriptors do not travel to worker processes
+        state["_fds"] = OrderedDict()  # descriptors do not travel to worker processes
         return state
 
     def __del__(self) -> None:
+        if getattr(self, "_pid", None) != os.getpid():
+            return  # a forked copy: the descriptors belong to the parent
         for fd in getattr(self, "_fds", {}).values():
             try:
                 os.close(fd)
             except OSError:
                 pass
+
+
+class _SampleIds(Sequence):
+    """``<shard name>:<key>`` per index, made on access (a list would hold a string per sample)."""
+
+    def __init__(self, names: list[str], shard: np.ndarray, keys: np.ndarray):
+        self._names, self._shard, self._keys = names, shard, keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return f"{self._names[int(self._shard[i])]}:{self._keys[i]}"
