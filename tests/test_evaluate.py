@@ -318,3 +318,56 @@ def test_missing_dataset_roots_name_the_expected_layout(tmp_path):
         imagenet_dataset(tmp_path / "imagenet")
     with pytest.raises(DataError, match="world.json"):
         world_datasets(tmp_path / "no-world")
+
+
+def test_a_row_evaluated_again_with_other_weights_does_not_keep_old_sets(tmp_path):
+    """Row m: sets x and y with one checkpoint, then x alone with another: y's old numbers must
+    not be listed (nor averaged) under the new weights."""
+    spec = AttackSpec(name="pgd", iterations=1)
+    old = export_open_clip(create_clip(ModelSpec(TINY)), tmp_path / "old.safetensors")
+    new = export_open_clip(create_clip(ModelSpec(TINY)), tmp_path / "new.safetensors")
+    kwargs = dict(n_samples=4, batch_size=4, progress=False)
+    run_eval([ModelEntry("m", TINY, str(old))], [_entry(8, name="x"), _entry(8, name="y")], ["1/255"], spec,
+             out_dir=tmp_path / "eval", **kwargs)
+    with pytest.raises(ConfigError, match="different evaluation"):  # x's own record refuses the swap
+        run_eval([ModelEntry("m", TINY, str(new))], [_entry(8, name="x")], ["1/255"], spec,
+                 out_dir=tmp_path / "eval", **kwargs)
+    # into a folder holding only results.json (its per-sample records gone): y is dropped, said so
+    import shutil
+
+    shutil.rmtree(tmp_path / "eval" / "samples")
+    out = run_eval([ModelEntry("m", TINY, str(new))], [_entry(8, name="x")], ["1/255"], spec,
+                   out_dir=tmp_path / "eval", **kwargs)
+    assert set(out["models"]["m"]["datasets"]) == {"x"}
+    assert any("results on y were dropped" in w for w in out["warnings"])
+    # the same weights again: earlier sets are kept (an eps or a set added to a row)
+    out = run_eval([ModelEntry("m", TINY, str(new))], [_entry(8, name="y")], ["1/255"], spec,
+                   out_dir=tmp_path / "eval", **kwargs)
+    assert set(out["models"]["m"]["datasets"]) == {"x", "y"}
+
+
+def test_resume_refuses_a_set_whose_samples_changed(tmp_path):
+    spec = AttackSpec(name="pgd", iterations=1)
+    kwargs = dict(n_samples=4, batch_size=4, out_dir=tmp_path, progress=False)
+    run_eval([ModelEntry("m", TINY)], [_entry(8)], ["1/255"], spec, **kwargs)
+    changed = _entry(8)
+    changed.dataset.sample_ids = [f"other/{i:04d}" for i in range(8)]  # same size, other images
+    with pytest.raises(ConfigError, match="sample_ids differs"):
+        run_eval([ModelEntry("m", TINY)], [changed], ["1/255"], spec, **kwargs)
+
+
+def test_fixed_size_suite_sets_keep_their_native_resolution():
+    from mmtard.evaluate import suite_image_size
+
+    assert suite_image_size("cifar10") is None and suite_image_size("pcam") is None
+    assert suite_image_size("caltech101") == 224 and suite_image_size("imagenet-r") == 224
+
+
+def test_eval_n_samples_leaves_the_imagenet_list_whole():
+    from types import SimpleNamespace
+
+    from mmtard.cli import _sample_sizes
+
+    args = SimpleNamespace(n_samples=1000, imagenet_samples=None)
+    sets = [SimpleNamespace(name="imagenet"), SimpleNamespace(name="cifar10")]
+    assert _sample_sizes(args, sets) == {"imagenet": None, "cifar10": 1000}

@@ -118,3 +118,18 @@ def test_report_refuses_missing_or_unknown_inputs(tmp_path):
     (tmp_path / "broken.json").write_text(json.dumps({"models": {}}))
     with pytest.raises(DataError, match="attack"):
         run_report([tmp_path / "broken.json"], tmp_path / "out")
+
+
+def test_eps_table_marks_rows_attacked_differently_and_rows_without_zero_shot_sets():
+    def row(attack, kind):
+        ds = {"set": {"n": 10, "clean": 50.0, "robust": {"2/255": 20.0}, "kind": kind}}
+        average = {"datasets": ["set"], "clean": 50.0, "robust": {"2/255": 20.0}} if kind == "zeroshot" else {}
+        return {"arch": "a", "weights": None, "attack": attack, "datasets": ds, "average": average}
+
+    apgd = {"name": "apgd", "iterations": 100}
+    same = eps_table({"a": row(apgd, "zeroshot"), "b": row(apgd, "zeroshot")}, "2/255")
+    assert "| attack |" not in same and "°" not in same
+    mixed = eps_table({"a": row(apgd, "zeroshot"), "b": row({"name": "pgd", "iterations": 10}, "classification")},
+                      "2/255")
+    assert "| model | attack |" in mixed and "| a | apgd/100 |" in mixed and "| b | pgd/10 |" in mixed
+    assert "50.0° | 20.0° |" in mixed and "° no zero-shot set: mean over all of the row's sets" in mixed

@@ -61,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--eps", default="1/255,2/255,4/255", help="comma-separated radii, e.g. 1/255,2/255,4/255")
     ev.add_argument("--attack", default="apgd-ce,apgd-t", help="apgd-ce,apgd-t | standard | pgd")
     ev.add_argument("--iterations", type=int, default=100, help="iterations per attack")
-    ev.add_argument("--n-samples", type=int, default=None, help="samples per dataset (ImageNet: the 5 000 subset)")
+    ev.add_argument("--n-samples", type=int, default=None,
+                    help="seeded samples per world or zero-shot set (default: all; the paper's protocol: 1000)")
+    ev.add_argument("--imagenet-samples", type=int, default=None,
+                    help="seeded samples of the ImageNet list (default: all 5 000 of the RobustBench subset)")
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--device", default="auto")
@@ -167,6 +170,12 @@ def _eval_datasets(specs: list[str]) -> list:
     return datasets
 
 
+def _sample_sizes(args: argparse.Namespace, datasets: list) -> dict[str, int | None]:
+    """--n-samples for every set but ImageNet, whose 5 000-image list is the protocol itself;
+    --imagenet-samples for that one."""
+    return {d.name: args.imagenet_samples if d.name == "imagenet" else args.n_samples for d in datasets}
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
@@ -184,8 +193,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if device.type == "cuda" and env.enabled:
         device = torch.device("cuda", env.local_rank)
     with lost_ranks_reported("run the same command again to resume"):
-        run_eval(_eval_models(args), _eval_datasets(args.dataset), args.eps.split(","),
-                 attack=AttackSpec(name=attack, iterations=args.iterations), n_samples=args.n_samples,
+        datasets = _eval_datasets(args.dataset)
+        run_eval(_eval_models(args), datasets, args.eps.split(","),
+                 attack=AttackSpec(name=attack, iterations=args.iterations), n_samples=_sample_sizes(args, datasets),
                  batch_size=args.batch_size, out_dir=args.out, seed=args.seed,
                  device=str(device), progress=not args.quiet)
     if not _finish_distributed():

@@ -138,11 +138,24 @@ def imagenet_dataset(
     return DatasetEntry("imagenet", ds, list(ds.classnames), imagenet_templates(), "classification")
 
 
-def suite_datasets(names: Sequence[str], root: str | Path, image_size: int | None = 224) -> list[DatasetEntry]:
+#: suite sets whose images all share one size: attacked at that native size (METHOD.md §8: the
+#: model's own resize is part of the model, so eps is measured in the original pixel space)
+NATIVE_SIZE_SETS = frozenset({"cifar10", "cifar100", "stl10", "eurosat", "pcam"})
+
+
+def suite_image_size(name: str, variable_size: int = 224) -> int | None:
+    """None (native size) for sets of one image size; ``variable_size`` (shorter-side resize and
+    centre crop, as CLIP's preprocessing) for sets whose images differ in size and must be made
+    equal to be batched."""
+    return None if name in NATIVE_SIZE_SETS else variable_size
+
+
+def suite_datasets(names: Sequence[str], root: str | Path, image_size: int | None | str = "auto") -> list[DatasetEntry]:
     """Sets of the clip-benchmark zero-shot suite.
 
     ``root`` is either a template holding ``{name}`` (as clip-benchmark's ``--dataset_root``) or a
-    folder holding one sub-folder per dataset name.
+    folder holding one sub-folder per dataset name. ``image_size="auto"``: native size where a set
+    has one (:data:`NATIVE_SIZE_SETS`), 224 elsewhere (:func:`suite_image_size`).
     """
     from mmtard.data import build_zeroshot_dataset
     from mmtard.zeroshot import suite_classnames, suite_templates
@@ -150,7 +163,8 @@ def suite_datasets(names: Sequence[str], root: str | Path, image_size: int | Non
     out = []
     for name in names:
         where = str(root).format(name=name, dataset=name) if "{" in str(root) else Path(root) / name
-        ds = build_zeroshot_dataset(name, where, image_size=image_size)
+        size = suite_image_size(name) if image_size == "auto" else image_size
+        ds = build_zeroshot_dataset(name, where, image_size=size)
         classnames = suite_classnames(name) or list(ds.classnames)
         try:
             templates = suite_templates(name)
@@ -192,6 +206,7 @@ def _new_record(
         "dataset": entry.name, "kind": entry.kind, "n_total": len(ds), "n_classes": len(entry.classnames),
         "seed": seed, "batch_size": batch_size, "attack": spec.describe(),
         "head": _digest([entry.classnames, entry.templates]),
+        "image_size": getattr(ds, "image_size", None),
         "indices": indices,
         "sample_ids": [str(ids[i]) for i in indices] if ids is not None else [str(i) for i in indices],
         "labels": [None] * len(indices), "clean": [None] * len(indices), "robust": {}, "messages": [],
@@ -208,7 +223,11 @@ def _open_record(path: Path, fresh: dict) -> dict:
     except json.JSONDecodeError:
         log.warning("%s is unreadable; starting it again", path)
         return fresh
-    for key in ("arch", "weights", "weights_file", "indices", "attack", "head", "seed"):
+    # sample_ids: the same positions may now hold other images; image_size: eps would be measured
+    # in another pixel space (records written before it was stored are not refused for lacking it)
+    keys = ["arch", "weights", "weights_file", "indices", "sample_ids", "attack", "head", "seed"]
+    keys += ["image_size"] if "image_size" in old else []
+    for key in keys:
         if old.get(key) != fresh[key]:
             raise ConfigError(
                 f"{path} was written by a different evaluation ({key} differs: stored "
@@ -310,8 +329,10 @@ def _evaluate_chunk(
 ) -> None:
     """The clean and robust verdicts of batch ``c`` into ``record``; ``after_eps(key)`` after each radius."""
     n_classes, bs = len(entry.classnames), record["batch_size"]
-    if int(y.max()) >= n_classes or int(y.min()) < 0:
-        raise DataError(f"dataset {entry.name!r}: label {int(y.max())} outside the head's {n_classes} classes")
+    bad = y[(y < 0) | (y >= n_classes)]
+    if bad.numel():
+        raise DataError(f"dataset {entry.name!r}: label {int(bad[0])} outside the head's {n_classes} classes "
+                        f"(0..{n_classes - 1})")
     sl = slice(c * bs, c * bs + len(y))
     x, y = x.to(device).float(), y.to(device)
     stored = record["clean"][sl]
@@ -472,8 +493,8 @@ def run_eval(
     rows, cache = {}, {}
     warnings_seen: list[str] = []
     for model in models:
-        row = {"arch": model.arch, "weights": model.weights, "undefended": model.undefended,
-               "attack": spec.describe(list(eps.values())), "datasets": {}}
+        row = {"arch": model.arch, "weights": model.weights, "weights_file": _file_stamp(model.weights),
+               "undefended": model.undefended, "attack": spec.describe(list(eps.values())), "datasets": {}}
         for entry in datasets:
             path = _sample_path(out_dir, model.row, entry.name)
             fresh = _new_record(model, entry, spec, sizes.get(entry.name), seed, batch_size)
@@ -501,6 +522,16 @@ def _head(classifier, model: ModelEntry, entry: DatasetEntry, out_dir: Path) -> 
                         fingerprint=getattr(classifier, "text_fingerprint", None))
 
 
+def _same_evaluation(old: dict, new: dict) -> bool:
+    """Whether two rows of results.json come from the same model and attack (radii aside: adding
+    an eps to a row is a legitimate extension)."""
+    def core(row: dict) -> tuple:
+        attack = {k: v for k, v in row.get("attack", {}).items() if k != "eps"}
+        return row.get("arch"), row.get("weights"), json.dumps(attack, sort_keys=True)
+    same_file = "weights_file" not in old or old["weights_file"] == new.get("weights_file")
+    return core(old) == core(new) and same_file
+
+
 def _write_results(out_dir: Path, rows: dict, spec: AttackSpec, eps: list[float], warnings_seen: list[str]) -> dict:
     path = out_dir / RESULTS_NAME
     if path.is_file():  # rows and datasets evaluated earlier into the same folder stay; this run's win
@@ -512,9 +543,15 @@ def _write_results(out_dir: Path, rows: dict, spec: AttackSpec, eps: list[float]
             for row, entry in old["models"].items():
                 if row not in rows:
                     rows[row] = entry
-                else:
+                elif _same_evaluation(entry, rows[row]):
                     rows[row]["datasets"] = {**entry["datasets"], **rows[row]["datasets"]}
                     rows[row]["average"] = zeroshot_average(rows[row]["datasets"])
+                else:
+                    dropped = sorted(set(entry["datasets"]) - set(rows[row]["datasets"]))
+                    if dropped:
+                        warnings_seen.append(
+                            f"row {row}: evaluated again with other weights or another attack; its earlier "
+                            f"results on {', '.join(dropped)} were dropped, not mixed in")
             warnings_seen = [w for w in old["warnings"] if w not in warnings_seen] + warnings_seen
     all_eps = {k for r in rows.values() for d in r["datasets"].values() for k in d["robust"]}
     attack = spec.describe(eps)

@@ -112,25 +112,42 @@ def eps_table(models: dict, eps: str) -> str:
     comparable with theirs.
     """
     names = _datasets_of(models)
-    head = ["model"] + [f"{n} {c}" for n in names for c in ("clean", eps)] + ["avg clean", f"avg {eps}"]
+    attacks = {row: _attack_label(entry.get("attack", {})) for row, entry in models.items()}
+    show_attack = len(set(attacks.values())) > 1  # rows attacked differently say so in the table
+    head = (["model"] + (["attack"] if show_attack else []) + [f"{n} {c}" for n in names for c in ("clean", eps)]
+            + ["avg clean", f"avg {eps}"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     zeroshot = {n for e in models.values() for n, d in e["datasets"].items() if d.get("kind", "zeroshot") == "zeroshot"}
-    partial = []
+    summaries = {row: _row_summary(entry) for row, entry in models.items()}
+    mixed_labels = len({summary["label"] for summary in summaries.values()}) > 1
+    partial, means = [], []
     for row, entry in models.items():
-        cells = [row]
+        cells = [row] + ([attacks[row]] if show_attack else [])
         for n in names:
             ds = entry["datasets"].get(n, {})
             cells += [_fmt(ds.get("clean")), _fmt(ds.get("robust", {}).get(eps))]
-        summary = _row_summary(entry)
-        star = ""
+        summary = summaries[row]
+        mark = ""
         if summary["label"] == "zero-shot avg" and set(entry["average"]["datasets"]) != zeroshot:
-            star = "*"
+            mark = "*"
             partial.append(f"{row}: {', '.join(entry['average']['datasets'])}")
-        cells += [_fmt(summary["clean"]) + star, _fmt(summary["robust"].get(eps)) + star]
+        elif summary["label"] == "mean" and mixed_labels:
+            mark = "°"
+            means.append(row)
+        cells += [_fmt(summary["clean"]) + mark, _fmt(summary["robust"].get(eps)) + mark]
         lines.append("| " + " | ".join(cells) + " |")
     if partial:
         lines += ["", "\\* average over fewer zero-shot sets (" + "; ".join(partial) + ")"]
+    if means:
+        lines += ["", f"° no zero-shot set: mean over all of the row's sets, not comparable ({', '.join(means)})"]
     return "\n".join(lines)
+
+
+def _attack_label(attack: dict) -> str:
+    """Short name of a row's attack for the table: name and iterations (``apgd/100``)."""
+    if not attack:
+        return "?"
+    return f"{attack.get('name', '?')}/{attack.get('iterations', '?')}"
 
 
 # ----------------------------------------------------------------------------- figures
