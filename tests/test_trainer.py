@@ -306,3 +306,53 @@ def test_clean_stream_off_attacks_with_the_robust_teacher_only(world_dir, tmp_pa
     images, labels, indices = next(iter(torch.utils.data.DataLoader(trainer.dataset, batch_size=4)))
     out = trainer.method(images, labels, indices)
     assert roles == ["robust"] and "loss_clean" not in out and out["logits_clean"] is None
+
+
+def test_logged_learning_rate_is_the_one_each_step_used(world_dir, tmp_path):
+    """Warm-up 2 of 4 steps, base lr 1e-3: the steps use 5e-4, 1e-3, 1e-3, 5e-4 (cosine half-way)."""
+    from mmtard.trainer import cosine_lr
+
+    assert [cosine_lr(s, 4, 2) for s in range(4)] == [0.5, 1.0, 1.0, 0.5]
+    overrides = tiny_overrides(world_dir, steps=4, **{"train.warmup_frac": 0.5, "attack.steps": 0})
+    Trainer(load_config(None, overrides), tmp_path / "run", show_progress=False).train()
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert [float(r["lr"]) for r in rows] == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4])
+
+
+def test_robust_stream_off_runs_no_attack_and_needs_no_robust_teacher(world_dir, tmp_path, monkeypatch):
+    from mmtard.methods.base import Method
+
+    calls = []
+    real = Method.attack
+    monkeypatch.setattr(Method, "attack", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    clean_only = "teachers=[{name: mmtard-small-vit, role: clean}]"
+    overrides = tiny_overrides(world_dir, steps=1, **{"method.use_robust": "false"})[1:] + [clean_only]
+    trainer = Trainer(load_config(None, overrides), tmp_path / "run", show_progress=False)
+    trainer.train()
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert calls == [] and torch.isfinite(torch.tensor(float(rows[0]["loss"])))
+
+
+def test_release_recipe_refuses_ablation_switches(world_dir):
+    from mmtard.errors import ConfigError
+
+    for switch in ("use_balance", "use_confidence", "use_clean"):
+        with pytest.raises(ConfigError, match=f"method.{switch}: recipe 'release' has no ablation switches"):
+            load_config(None, tiny_overrides(world_dir, **{"method.recipe": "release", f"method.{switch}": "false"}))
+
+
+def test_changing_the_length_on_resume_is_warned(world_dir, tmp_path, monkeypatch, caplog):
+    original = Trainer._save_checkpoint
+
+    def save_then_stop(self):
+        original(self)
+        if self.step == 1:
+            raise _Stop
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_stop)
+    with pytest.raises(_Stop):
+        Trainer(load_config(None, tiny_overrides(world_dir, steps=2)), tmp_path / "run", show_progress=False).train()
+    monkeypatch.setattr(Trainer, "_save_checkpoint", original)
+    with caplog.at_level("WARNING"):
+        Trainer(load_config(None, tiny_overrides(world_dir, steps=3)), tmp_path / "run", show_progress=False)
+    assert "train.steps changed from 2 to 3 on resume" in caplog.text

@@ -167,7 +167,14 @@ def confidence(
 
 
 def _zscore(values: Tensor, eps: float) -> Tensor:
-    """Batch z-score with the population std; all zeros when the batch has (almost) no spread."""
+    """Batch z-score with the population std; all zeros when the batch has (almost) no spread.
+
+    "The batch" of METHOD.md §4 is the micro-batch the loss is computed on (one rank's, one
+    accumulation step's): the statistics are then the same for N ranks as for one process
+    accumulating N micro-batches, which keeps runs comparable across machines. With the paper's
+    global batch of 512 on 8 GPUs, each z-score is over 64 samples (the whole 512 on one GPU
+    without accumulation).
+    """
     values = values.float()
     if values.numel() < 2:
         return torch.zeros_like(values)

@@ -7,6 +7,7 @@ A run folder holds ``config.yaml``, ``run.json`` (versions, git commit, batch pl
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -17,6 +18,8 @@ import yaml
 from mmtard.checkpoint import latest_checkpoint
 from mmtard.config import Config, to_dict
 from mmtard.errors import MmtardError
+
+log = logging.getLogger(__name__)
 
 FINISHED_MARKER = "student.safetensors"
 _IGNORED_ON_COMPARE = {("train", "steps"), ("train", "log_every"), ("train", "ckpt_every"),
@@ -55,6 +58,11 @@ def prepare_run_dir(run_dir: Path, config: Config, force: bool, is_main: bool = 
         if _comparable(previous) != _comparable(to_dict(config)):
             raise MmtardError(
                 f"{run_dir} holds a run with a different config ({saved}); use another --out or --force")
+        before = (previous.get("train") or {}).get("steps")
+        if before is not None and before != config.train.steps and is_main:
+            log.warning("%s: train.steps changed from %s to %s on resume; the warm-up and cosine schedule "
+                        "follow the new length from the resumed step on, so the learning rate jumps",
+                        run_dir, before, config.train.steps)
         return last
     if run_dir.exists() and any(run_dir.iterdir()) and not (saved.exists() or (run_dir / "checkpoints").exists()):
         raise MmtardError(f"{run_dir} is not empty and is not an mmtard run folder; choose another --out")

@@ -136,6 +136,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.trainable, lr=config.train.lr, weight_decay=config.train.weight_decay,
                                            **({"fused": True} if self.device.type == "cuda" else {}))
         self.warmup = int(config.train.warmup_frac * config.train.steps)
+        self.step_lr = float("nan")  # the learning rate of the last step taken (logged)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: cosine_lr(s, config.train.steps, self.warmup))
         self.method.student_forward = self._wrap_ddp(self.student)
@@ -303,6 +304,7 @@ class Trainer:
         self.optimizer.step()
         self.method.after_step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.step_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used, for the log
         self.scheduler.step()
         sums["grad_norm"] = grad_norm.detach().float()
         return sums
@@ -342,7 +344,7 @@ class Trainer:
         names = sorted(sums)
         values = all_reduce_mean(torch.stack([torch.as_tensor(sums[n], device=self.device).float() for n in names]))
         row = {n: v / steps for n, v in zip(names, values.cpu().tolist())}
-        row["lr"] = self.scheduler.get_last_lr()[0]
+        row["lr"] = self.step_lr
         row["images_per_s"] = images / max(elapsed, 1e-9)
         self.elapsed += elapsed
         row["elapsed_s"] = self.elapsed

@@ -23,12 +23,15 @@ class MMTARD(Method):
     @classmethod
     def check_config(cls, config) -> None:
         method = config.method
-        if method.recipe == "release" and not (method.use_clean and method.use_robust):
-            raise ConfigError("method.recipe 'release' has no ablation switches: use recipe 'paper' to turn a stream off")
+        switches = ("use_clean", "use_robust", "use_confidence", "use_balance")
+        off = [name for name in switches if not getattr(method, name)]
+        if method.recipe == "release" and off:
+            raise ConfigError(f"method.{off[0]}: recipe 'release' has no ablation switches (its factors 50 and 5 "
+                              "are fixed); use recipe 'paper' for the ablations")
         if not (method.use_clean or method.use_robust):
             raise ConfigError("method: at least one of use_clean and use_robust must be true")
         roles = {t.role for t in config.teachers}
-        needed = {"robust"} | ({"clean"} if method.use_clean else set())
+        needed = ({"robust"} if method.use_robust else set()) | ({"clean"} if method.use_clean else set())
         for role in sorted(needed - roles):
             raise ConfigError(f"method 'mmt_ard' needs a teacher with role '{role}'; the config has {sorted(roles) or 'none'}")
 
@@ -44,14 +47,20 @@ class MMTARD(Method):
         kind = self.confidence_kind
         # Clean stream off is the single-robust-teacher case (METHOD.md §4): the robust teacher then
         # also sets the attack's target, as in ARD, and no clean teacher runs at all.
+        # Robust stream off: nothing adversarial reaches the loss, so no attack runs at all.
         role = "clean" if cfg.use_clean else "robust"
         targets = clean_teacher_outputs(self, role, images, indices)
-        adv = distillation_attack(self, targets, images)
         clean_out = targets if cfg.use_clean else []
-        robust_out = teacher_outputs(self, "robust", adv) if cfg.use_robust else []
+        if cfg.use_robust:
+            adv = distillation_attack(self, targets, images)
+            robust_out = teacher_outputs(self, "robust", adv)
+        else:
+            robust_out = []
 
-        if cfg.use_clean:
+        if cfg.use_clean and cfg.use_robust:
             student_clean, student_adv = self.student_logits_pair(images, adv)
+        elif cfg.use_clean:
+            student_clean, student_adv = self.student_logits(images), None
         else:
             student_clean, student_adv = None, self.student_logits(adv)
 
