@@ -99,8 +99,9 @@ class _Stop(Exception):
     pass
 
 
-def test_resume_continues_the_same_trajectory(world_dir, tmp_path, monkeypatch):
-    overrides = tiny_overrides(world_dir, steps=4)
+@pytest.mark.parametrize("method", ["mmt_ard", "mtard"])  # mtard: its balancer state is checkpointed too
+def test_resume_continues_the_same_trajectory(world_dir, tmp_path, monkeypatch, method):
+    overrides = tiny_overrides(world_dir, method, steps=4)
     straight = Trainer(load_config(None, overrides), tmp_path / "a", show_progress=False)
     straight.train()
 
