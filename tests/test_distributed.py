@@ -29,7 +29,8 @@ from mmtard.autoattack import AttackSpec
 from mmtard.checkpoint import list_checkpoints, load_checkpoint
 from mmtard.cli import main
 from mmtard.config import load_config
-from mmtard.evaluate import ModelEntry, run_eval, world_datasets
+from mmtard.eval_sets import world_datasets
+from mmtard.evaluate import ModelEntry, run_eval
 from mmtard.models import ModelSpec, create_clip, export_open_clip
 from mmtard.trainer import Trainer
 from test_trainer import tiny_overrides

@@ -19,14 +19,8 @@ from torch.utils.data import Dataset
 
 from mmtard.autoattack import AttackSpec, robust_flags
 from mmtard.errors import ConfigError, DataError
-from mmtard.evaluate import (
-    DatasetEntry,
-    ModelEntry,
-    imagenet_dataset,
-    run_eval,
-    suite_datasets,
-    world_datasets,
-)
+from mmtard.eval_sets import DatasetEntry, imagenet_dataset, suite_datasets, suite_image_size, world_datasets
+from mmtard.evaluate import ModelEntry, run_eval
 from mmtard.models import CLIPClassifier, ModelSpec, create_clip, export_open_clip, train_only_image_tower
 from mmtard.results import merge_results, sanity_checks, validate_results
 from mmtard.zeroshot import text_weights
@@ -357,8 +351,6 @@ def test_resume_refuses_a_set_whose_samples_changed(tmp_path):
 
 
 def test_fixed_size_suite_sets_keep_their_native_resolution():
-    from mmtard.evaluate import suite_image_size
-
     assert suite_image_size("cifar10") is None and suite_image_size("pcam") is None
     assert suite_image_size("caltech101") == 224 and suite_image_size("imagenet-r") == 224
 

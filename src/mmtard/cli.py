@@ -149,7 +149,7 @@ def _eval_models(args: argparse.Namespace) -> list:
 def _eval_datasets(specs: list[str]) -> list:
     """NAME=ROOT arguments -> evaluation sets (imagenet, world, world-<set>, a zero-shot suite name)."""
     from mmtard.data import ZEROSHOT_SUITE
-    from mmtard.evaluate import imagenet_dataset, suite_datasets, world_datasets
+    from mmtard.eval_sets import imagenet_dataset, suite_datasets, world_datasets
 
     datasets = []
     for spec in specs:

@@ -218,7 +218,8 @@ def _plan_dict(plan: DemoPlan) -> dict:
 def _evaluate(out: Path, plan: DemoPlan, world_dir: Path, student_base: Path, clean_teacher: Path,
               robust_teacher: Path, students: dict[str, list[Path]]) -> dict:
     from mmtard.autoattack import AttackSpec
-    from mmtard.evaluate import ModelEntry, run_eval, world_datasets
+    from mmtard.eval_sets import world_datasets
+    from mmtard.evaluate import ModelEntry, run_eval
 
     models = [ModelEntry("undefended", STUDENT_ARCH, str(student_base), undefended=True),
               ModelEntry("clean_teacher", TEACHER_ARCH, str(clean_teacher)),

@@ -1,0 +1,120 @@
+"""What evaluation runs on: :class:`DatasetEntry` and the builders of the sets of METHOD.md §8.
+
+An entry pairs a dataset yielding ``(image in [0, 1], label, index)`` with the zero-shot head's
+class names and templates. ImageNet (the RobustBench 5 000-image list) and the offline world's
+classification split are of kind ``classification`` (the training distribution) and stay out of
+the zero-shot average; the clip-benchmark suite and the world's zero-shot sets are ``zeroshot``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from torch.utils.data import Dataset
+
+from mmtard.errors import DataError
+
+
+@dataclass
+class DatasetEntry:
+    """One evaluation set: images with labels, and the zero-shot head's class names and templates.
+
+    ``kind`` is ``zeroshot`` or ``classification``; only zero-shot sets enter the average.
+    """
+
+    name: str
+    dataset: Dataset
+    classnames: list[str]
+    templates: list[str]
+    kind: str = "zeroshot"
+    meta: dict = field(default_factory=dict)
+
+
+def world_datasets(
+    world_dir: str | Path, sets: Sequence[str] | None = None, image_size: int | None = None
+) -> list[DatasetEntry]:
+    """The offline world's sets: ``world`` (classification val split) and ``world-<set>`` for each
+    zero-shot set (``world-colors``, ``world-shapes``, ``world-sketch``).
+
+    Args:
+        world_dir: a folder written by :func:`mmtard.world.generate_world`.
+        sets: names to keep (e.g. ``["world", "world-shapes"]``); None keeps all.
+        image_size: None keeps the world's native size.
+    """
+    from mmtard.world import load_world
+
+    world = load_world(world_dir)
+    names = ["world"] + [f"world-{s}" for s in world.zeroshot_names]
+    if sets is not None:
+        unknown = sorted(set(sets) - set(names))
+        if unknown:
+            raise DataError(f"world at {world_dir} has no set {unknown}; it has {names}")
+        names = [n for n in names if n in sets]
+    out = []
+    for name in names:
+        if name == "world":
+            ds = world.classification("val", image_size=image_size)
+            out.append(DatasetEntry(name, ds, list(world.classnames), list(world.templates), "classification"))
+        else:
+            short = name[len("world-"):]
+            ds = world.zeroshot_set(short, image_size=image_size)
+            info = world.zeroshot[short]
+            out.append(DatasetEntry(name, ds, list(info["classnames"]), list(info["templates"])))
+    return out
+
+
+def imagenet_dataset(
+    root: str | Path, list_file: str | Path | None = None, full_val: bool = False, image_size: int | None = 224
+) -> DatasetEntry:
+    """ImageNet validation as a zero-shot set with the 80 OpenAI templates.
+
+    By default the fixed 5 000-image RobustBench subset (METHOD.md §8); ``full_val`` reads the
+    whole ``val/`` folder. ImageNet is the training distribution, so it is of kind
+    ``classification`` and stays out of the zero-shot average.
+    """
+    from mmtard.data import imagenet_folder, imagenet_val_subset
+    from mmtard.zeroshot import imagenet_templates
+
+    if full_val:
+        ds = imagenet_folder(root, "val", image_size=image_size)
+    else:
+        ds = imagenet_val_subset(root, list_file=list_file, image_size=image_size)
+    return DatasetEntry("imagenet", ds, list(ds.classnames), imagenet_templates(), "classification")
+
+
+#: suite sets whose images all share one size: attacked at that native size (METHOD.md §8: the
+#: model's own resize is part of the model, so eps is measured in the original pixel space)
+NATIVE_SIZE_SETS = frozenset({"cifar10", "cifar100", "stl10", "eurosat", "pcam"})
+
+
+def suite_image_size(name: str, variable_size: int = 224) -> int | None:
+    """None (native size) for sets of one image size; ``variable_size`` (shorter-side resize and
+    centre crop, as CLIP's preprocessing) for sets whose images differ in size and must be made
+    equal to be batched."""
+    return None if name in NATIVE_SIZE_SETS else variable_size
+
+
+def suite_datasets(names: Sequence[str], root: str | Path, image_size: int | None | str = "auto") -> list[DatasetEntry]:
+    """Sets of the clip-benchmark zero-shot suite.
+
+    ``root`` is either a template holding ``{name}`` (as clip-benchmark's ``--dataset_root``) or a
+    folder holding one sub-folder per dataset name. ``image_size="auto"``: native size where a set
+    has one (:data:`NATIVE_SIZE_SETS`), 224 elsewhere (:func:`suite_image_size`).
+    """
+    from mmtard.data import build_zeroshot_dataset
+    from mmtard.zeroshot import suite_classnames, suite_templates
+
+    out = []
+    for name in names:
+        where = str(root).format(name=name, dataset=name) if "{" in str(root) else Path(root) / name
+        size = suite_image_size(name) if image_size == "auto" else image_size
+        ds = build_zeroshot_dataset(name, where, image_size=size)
+        classnames = suite_classnames(name) or list(ds.classnames)
+        try:
+            templates = suite_templates(name)
+        except DataError:  # clip-benchmark's own fallback, with its "{c}" slot in our "{}" form
+            templates = [t.replace("{c}", "{}") for t in ds.templates]
+        out.append(DatasetEntry(name, ds, classnames, templates))
+    return out
