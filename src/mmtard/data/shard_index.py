@@ -27,11 +27,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from mmtard.data.base import first_readable
-from PIL import Image
-
 from mmtard.data.images import ImageTransform, SkipLog, corrupt_error, decode_image_bytes
 from mmtard.data.shards import IMAGE_KEYS, SHARD_LAYOUT, expand_shards
 from mmtard.errors import DataError
