@@ -188,3 +188,31 @@ def test_two_ranks_with_accumulation_match_one_process(world_dir, tmp_path):
     b = load_file(str(tmp_path / "single" / "student.safetensors"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=5e-5, rtol=1e-4)
+
+
+_NAN_ON_RANK_1 = """
+import os, sys
+from mmtard import losses
+from mmtard.cli import main
+
+real = losses.mmt_ard_paper_loss
+calls = {"n": 0}
+
+def poisoned(*args, **kwargs):
+    loss, terms = real(*args, **kwargs)
+    calls["n"] += 1
+    if os.environ.get("RANK") == "1" and calls["n"] > 1:  # a logged term only, on one rank only
+        terms["loss_robust"] = terms["loss_robust"] * float("nan")
+    return loss, terms
+
+losses.mmt_ard_paper_loss = poisoned
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_non_finite_value_on_one_rank_stops_every_rank(world_dir, tmp_path):
+    script = tmp_path / "nan.py"
+    script.write_text(_NAN_ON_RANK_1)
+    proc = _distill(world_dir, tmp_path, tmp_path / "run", script=script)
+    assert proc.returncode != 0
+    assert proc.stderr.count("training diverged by step 2: non-finite loss_robust") == 2, proc.stderr[-3000:]

@@ -329,8 +329,10 @@ class Trainer:
         if not bad:
             return
         names = list(bad)
-        flags = torch.stack([bad[n] for n in names]).cpu().tolist()
-        failed = [n for n, f in zip(names, flags) if f]
+        # Any rank's non-finite value stops every rank at once: a rank that raised alone would leave
+        # the others waiting in their next collective until the process-group timeout.
+        flags = all_reduce_mean(torch.stack([bad[n] for n in names]).float()).cpu().tolist()
+        failed = [n for n, f in zip(names, flags) if f > 0]
         if failed:
             last = ckpt.latest_checkpoint(self.run_dir)
             raise DivergenceError(
