@@ -363,3 +363,22 @@ def test_eval_n_samples_leaves_the_imagenet_list_whole():
     args = SimpleNamespace(n_samples=1000, imagenet_samples=None)
     sets = [SimpleNamespace(name="imagenet"), SimpleNamespace(name="cifar10")]
     assert _sample_sizes(args, sets) == {"imagenet": None, "cifar10": 1000}
+
+
+def test_a_record_from_before_image_sizes_were_stored(tmp_path):
+    """Earlier versions attacked every suite set at 224 px: such a cifar10 record is not resumed at
+    native size, while a record of a set whose size did not change is."""
+    from mmtard.evaluate import _open_record
+
+    for dataset, fresh_size, refused in (("cifar10", None, True), ("patterns", 32, False)):
+        fresh = {"arch": TINY, "weights": None, "weights_file": None, "indices": [0, 1], "sample_ids": ["a", "b"],
+                 "attack": {"name": "pgd"}, "head": "h", "seed": 0, "batch_size": 2, "dataset": dataset,
+                 "image_size": fresh_size}
+        legacy = {k: v for k, v in fresh.items() if k != "image_size"}
+        path = tmp_path / f"{dataset}.json"
+        path.write_text(json.dumps(legacy))
+        if refused:
+            with pytest.raises(ConfigError, match="image_size differs: stored '224', now 'None'"):
+                _open_record(path, fresh)
+        else:
+            assert _open_record(path, fresh)["image_size"] == 32

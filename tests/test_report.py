@@ -131,5 +131,5 @@ def test_eps_table_marks_rows_attacked_differently_and_rows_without_zero_shot_se
     assert "| attack |" not in same and "°" not in same
     mixed = eps_table({"a": row(apgd, "zeroshot"), "b": row({"name": "pgd", "iterations": 10}, "classification")},
                       "2/255")
-    assert "| model | attack |" in mixed and "| a | apgd/100 |" in mixed and "| b | pgd/10 |" in mixed
+    assert "| model | attack |" in mixed and "| a | apgd/100it/?/-t/-r |" in mixed and "| b | pgd/10it/?/-t/-r |" in mixed
     assert "50.0° | 20.0° |" in mixed and "° no zero-shot set: mean over all of the row's sets" in mixed

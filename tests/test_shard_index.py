@@ -188,3 +188,38 @@ def test_class_names_file(tmp_path):
     names.write_text("\n\n")
     with pytest.raises(ConfigError, match="holds no class name"):
         read_classnames_file(str(names))
+
+
+def test_unicode_digit_labels_are_refused_not_crashed(folder, tmp_path):
+    path = tmp_path / "odd.tar"
+    with tarfile.open(path, "w") as tar:
+        _add(tar, "a.png", Path(folder.files[0]).read_bytes())
+        _add(tar, "a.cls", "²".encode())
+        _add(tar, "b.png", Path(folder.files[0]).read_bytes())
+        _add(tar, "b.cls", b"0")
+    assert IndexedShardDataset(str(path), classnames=["x"]).targets.tolist() == [0]
+
+
+def _index_in_child(urls, index_dir, queue):
+    index = shard_index.build_index(urls, index_dir=index_dir)
+    queue.put(index["offset"].tolist())
+
+
+def test_processes_building_one_index_at_once_share_it(shards, tmp_path):
+    """Ranks starting together: one scans under the lock, the other reads its file."""
+    import multiprocessing
+
+    pattern, _ = shards
+    urls = shard_index.expand_shards(pattern)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_index_in_child, args=(urls, tmp_path / "index", queue)) for _ in range(2)]
+    for proc in procs:
+        proc.start()
+    results = [queue.get(timeout=60) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
+    assert results[0] == results[1] and len(results[0]) == 30
+    assert len(list((tmp_path / "index").glob("*.npz"))) == 1
+    assert not list((tmp_path / "index").glob(".*tmp*"))

@@ -118,3 +118,10 @@ def test_node_index_from_torchrun_environment(monkeypatch):
     assert node_index(5) == 1
     monkeypatch.setenv("GROUP_RANK", "3")
     assert node_index(5) == 3
+
+
+def test_files_of_another_dataset_or_layout_are_pointed_out(tmp_path, data, caplog):
+    (tmp_path / "teacher0-rank0.f32").write_bytes(b"\0" * 1024)  # the per-rank layout of earlier versions
+    with caplog.at_level("WARNING"):
+        CleanTeacherCache(tmp_path, IDS)
+    assert "1 files" in caplog.text and "are not used; delete them" in caplog.text

@@ -36,7 +36,7 @@ from mmtard.attacks import format_eps, parse_eps
 from mmtard.autoattack import AttackSpec, robust_flags
 from mmtard.distributed import all_gather_object, current_env, run_on_main
 from mmtard.errors import ConfigError, DataError, MmtardError
-from mmtard.eval_sets import DatasetEntry
+from mmtard.eval_sets import NATIVE_SIZE_SETS, DatasetEntry
 from mmtard.results import (
     RESULTS_NAME,
     SCHEMA_VERSION,
@@ -122,14 +122,15 @@ def _open_record(path: Path, fresh: dict) -> dict:
         log.warning("%s is unreadable; starting it again", path)
         return fresh
     # sample_ids: the same positions may now hold other images; image_size: eps would be measured
-    # in another pixel space (records written before it was stored are not refused for lacking it)
-    keys = ["arch", "weights", "weights_file", "indices", "sample_ids", "attack", "head", "seed"]
-    keys += ["image_size"] if "image_size" in old else []
-    for key in keys:
+    # in another pixel space (earlier versions attacked every suite set at 224 px)
+    if "image_size" not in old:  # written before image sizes were recorded: that version's size
+        old = {**old, "image_size": 224 if old.get("dataset") in NATIVE_SIZE_SETS else fresh["image_size"]}
+    for key in ("arch", "weights", "weights_file", "indices", "sample_ids", "attack", "head", "seed", "image_size"):
         if old.get(key) != fresh[key]:
+            hint = " (--n-samples / --imagenet-samples or --seed changed?)" if key == "indices" else ""
             raise ConfigError(
                 f"{path} was written by a different evaluation ({key} differs: stored "
-                f"{str(old.get(key))[:80]!r}, now {str(fresh[key])[:80]!r}). Use another out_dir, or "
+                f"{str(old.get(key))[:80]!r}, now {str(fresh[key])[:80]!r}){hint}. Use another out_dir, or "
                 "delete that file to recompute it."
             )
     if old.get("batch_size") != fresh["batch_size"]:

@@ -144,10 +144,12 @@ def eps_table(models: dict, eps: str) -> str:
 
 
 def _attack_label(attack: dict) -> str:
-    """Short name of a row's attack for the table: name and iterations (``apgd/100``)."""
+    """A row's attack for the table, every setting that changes its strength:
+    ``apgd/100it/linf/9t/1r`` (name, iterations, norm, target classes, restarts)."""
     if not attack:
         return "?"
-    return f"{attack.get('name', '?')}/{attack.get('iterations', '?')}"
+    return (f"{attack.get('name', '?')}/{attack.get('iterations', '?')}it/{attack.get('norm', '?')}"
+            f"/{attack.get('n_target_classes', '-')}t/{attack.get('restarts', '-')}r")
 
 
 # ----------------------------------------------------------------------------- figures

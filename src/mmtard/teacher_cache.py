@@ -84,6 +84,9 @@ def _open(path: Path, dtype, shape: tuple[int, ...]) -> np.memmap:
         if size != 0:
             break
         time.sleep(0.1)
+    if size == 0 and nbytes:
+        raise DataError(f"clean-teacher cache {path} is still empty 5 s after it was created: the process "
+                        f"that created it did not size it (it died?); delete {path} and start again")
     if size != nbytes:
         raise DataError(
             f"clean-teacher cache {path} has {size} bytes where {shape} rows of {np.dtype(dtype).name} "
@@ -109,6 +112,16 @@ class CleanTeacherCache(TeacherEmbeddingCache):
         self.hits = 0
         self.misses = 0
         self.invalid = 0  # masked rows found unwritten when the cache was opened
+        self._warn_stale_files()
+
+    def _warn_stale_files(self) -> None:
+        """Cache files of another dataset (or of the per-rank layout of earlier versions) are never
+        read again; say how much disk they hold rather than leave them unnoticed."""
+        stale = [f for f in self.folder.glob("teacher*") if f"-{self.samples}." not in f.name]
+        if stale:
+            gib = sum(f.stat().st_size for f in stale) / 2**30
+            log.warning("clean-teacher cache %s: %d files (%.2f GiB) belong to another dataset or an older "
+                        "layout and are not used; delete them to free the space", self.folder, len(stale), gib)
 
     def _table(self, teacher_index: int, dim: int) -> tuple[np.memmap, np.memmap]:
         if teacher_index not in self._tables:

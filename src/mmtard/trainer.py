@@ -118,9 +118,6 @@ class Trainer:
         # same everywhere; the per-rank streams (augmentation, dropout) start after that.
         torch.manual_seed(config.train.seed)
 
-        if config.data.source == "shards" and self.env.enabled:
-            # rank 0 scans the shards and keeps the index; the other ranks then load it
-            run_on_main(lambda: build_dataset(config.data) and None)
         self.dataset = build_dataset(config.data)
         if len(self.dataset) < self.plan.micro_batch * self.env.world_size:
             raise ConfigError(f"the dataset has {len(self.dataset)} samples, fewer than one global micro-batch")

@@ -16,6 +16,7 @@ to the first dot of the base name form one sample; it needs an image (``IMAGE_KE
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -80,7 +81,7 @@ def _scan_shard(path: str, strict: bool) -> tuple[list[tuple[int, int, int, str]
                 problem = "no .cls member"
             else:
                 text = tar.extractfile(members["cls"]).read().decode("utf-8", "replace").strip()
-                label = int(text) if text.isdigit() else None
+                label = int(text) if text.isascii() and text.isdigit() else None
                 if label is None:
                     problem = f".cls holds {text[:40]!r}, not a label (an integer >= 0)"
             if problem is not None:
@@ -104,19 +105,38 @@ def _fingerprint(urls: Sequence[str], strict: bool) -> str:
 
 def build_index(urls: Sequence[str], strict: bool = False, index_dir: str | Path | None = None) -> dict[str, np.ndarray]:
     """The sample index of ``urls`` (local, uncompressed tars), read from ``index_dir`` when a
-    matching one is there; written there (atomically) after a scan.
+    matching one is there; written there (atomically) after a scan, which one process does while
+    the others wait.
 
     Returns arrays of one entry per sample: ``shard`` (position in ``urls``), ``offset`` and
     ``size`` of the image bytes, ``label``, ``key``; and ``skipped``, the number of incomplete
     samples left out.
     """
-    kept = Path(index_dir) / f"shard-index-{_fingerprint(urls, strict)}.npz" if index_dir is not None else None
-    if kept is not None and kept.is_file():
-        with np.load(kept, allow_pickle=False) as data:
-            index = {k: data[k] for k in data.files}
-        if int(index["skipped"]):
-            log.warning("%d incomplete samples are left out of the shards' index (%s)", int(index["skipped"]), kept)
+    if index_dir is None:
+        return _scan(urls, strict)
+    kept = Path(index_dir) / f"shard-index-{_fingerprint(urls, strict)}.npz"
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    # One process scans, the others (ranks, concurrent runs) wait on the lock and then read its
+    # file: a lock, not a collective, so a long scan cannot trip a process-group timeout.
+    with open(kept.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if kept.is_file():
+            with np.load(kept, allow_pickle=False) as data:
+                index = {k: data[k] for k in data.files}
+            if int(index["skipped"]):
+                log.warning("%d incomplete samples are left out of the shards' index (%s)",
+                            int(index["skipped"]), kept)
+            return index
+        index = _scan(urls, strict)
+        handle, tmp = tempfile.mkstemp(prefix=f".{kept.stem}.", suffix=".npz", dir=kept.parent)
+        with os.fdopen(handle, "wb") as stream:
+            np.savez(stream, **index)
+        os.replace(tmp, kept)
         return index
+
+
+def _scan(urls: Sequence[str], strict: bool) -> dict[str, np.ndarray]:
+    """One pass over every shard's headers (see :func:`build_index` for the arrays)."""
     shard, offset, size, label, keys = [], [], [], [], []
     problems: list[str] = []
     for s, url in enumerate(urls):
@@ -130,16 +150,9 @@ def build_index(urls: Sequence[str], strict: bool = False, index_dir: str | Path
             keys.append(key)
     if problems:
         log.warning("%d incomplete samples left out of the shards' index, e.g. %s", len(problems), problems[0])
-    index = {"shard": np.asarray(shard, np.int32), "offset": np.asarray(offset, np.int64),
-             "size": np.asarray(size, np.int64), "label": np.asarray(label, np.int64),
-             "key": np.asarray(keys, dtype=np.str_), "skipped": np.asarray(len(problems), np.int64)}
-    if kept is not None:
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(prefix=f".{kept.stem}.", suffix=".npz", dir=kept.parent)
-        with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **index)
-        os.replace(tmp, kept)
-    return index
+    return {"shard": np.asarray(shard, np.int32), "offset": np.asarray(offset, np.int64),
+            "size": np.asarray(size, np.int64), "label": np.asarray(label, np.int64),
+            "key": np.asarray(keys, dtype=np.str_), "skipped": np.asarray(len(problems), np.int64)}
 
 
 def shard_classnames(num_classes: int, classnames: Sequence[str] | None, where: str) -> list[str]:
