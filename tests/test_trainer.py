@@ -99,32 +99,40 @@ class _Stop(Exception):
     pass
 
 
+def _interrupt_after(overrides, run_dir, step: int, monkeypatch) -> None:
+    """Train in ``run_dir`` until the checkpoint of ``step`` is written, then stop as a killed run would."""
+    original = Trainer._save_checkpoint
+
+    def save_then_stop(self):
+        original(self)
+        if self.step == step:
+            raise _Stop
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_save_checkpoint", save_then_stop)
+        with pytest.raises(_Stop):
+            Trainer(load_config(None, overrides), run_dir, show_progress=False).train()
+
+
+def _assert_same_run(a, b) -> None:
+    """Two finished runs ended with the same student and logged the same losses, bit for bit."""
+    student_a, student_b = load_file(str(a / "student.safetensors")), load_file(str(b / "student.safetensors"))
+    assert all(torch.equal(student_a[k], student_b[k]) for k in student_a)
+    rows_a, rows_b = list(csv.DictReader(open(a / "metrics.csv"))), list(csv.DictReader(open(b / "metrics.csv")))
+    assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]
+
+
 @pytest.mark.parametrize("method", ["mmt_ard", "mtard"])  # mtard: its balancer state is checkpointed too
 def test_resume_continues_the_same_trajectory(world_dir, tmp_path, monkeypatch, method):
     overrides = tiny_overrides(world_dir, method, steps=4)
     straight = Trainer(load_config(None, overrides), tmp_path / "a", show_progress=False)
     straight.train()
 
-    original = Trainer._save_checkpoint
-
-    def save_then_stop(self):
-        original(self)
-        if self.step == 2:
-            raise _Stop
-
-    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_stop)
-    with pytest.raises(_Stop):
-        Trainer(load_config(None, overrides), tmp_path / "b", show_progress=False).train()
-    monkeypatch.setattr(Trainer, "_save_checkpoint", original)
+    _interrupt_after(overrides, tmp_path / "b", 2, monkeypatch)
     resumed = Trainer(load_config(None, overrides), tmp_path / "b", show_progress=False)
     assert resumed.resume_from is not None
     resumed.train()
-    a = load_file(str(tmp_path / "a" / "student.safetensors"))
-    b = load_file(str(tmp_path / "b" / "student.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    rows_a = list(csv.DictReader(open(tmp_path / "a" / "metrics.csv")))
-    rows_b = list(csv.DictReader(open(tmp_path / "b" / "metrics.csv")))
-    assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]
+    _assert_same_run(tmp_path / "a", tmp_path / "b")
 
 
 def test_augmented_resume_with_workers_continues_the_same_trajectory(world_dir, tmp_path, monkeypatch):
@@ -135,37 +143,23 @@ def test_augmented_resume_with_workers_continues_the_same_trajectory(world_dir, 
     straight.train()
 
     workers = tiny_overrides(world_dir, steps=4, **{"data.augment": "true", "data.num_workers": 2})
-    original = Trainer._save_checkpoint
-
-    def save_then_stop(self):
-        original(self)
-        if self.step == 2:
-            raise _Stop
-
-    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_stop)
-    with pytest.raises(_Stop):
-        Trainer(load_config(None, workers), tmp_path / "b", show_progress=False).train()
-    monkeypatch.setattr(Trainer, "_save_checkpoint", original)
+    _interrupt_after(workers, tmp_path / "b", 2, monkeypatch)
     Trainer(load_config(None, workers), tmp_path / "b", show_progress=False).train()
-    a = load_file(str(tmp_path / "a" / "student.safetensors"))
-    b = load_file(str(tmp_path / "b" / "student.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    rows_a = list(csv.DictReader(open(tmp_path / "a" / "metrics.csv")))
-    rows_b = list(csv.DictReader(open(tmp_path / "b" / "metrics.csv")))
-    assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]
+    _assert_same_run(tmp_path / "a", tmp_path / "b")
 
 
 def test_augmentation_is_seeded_per_sample_and_leaves_the_global_stream(world_dir):
-    from mmtard.data.base import SeededSamples, augmentation_seed
+    from mmtard.data.base import SeededSamples
     from mmtard.world import load_world
 
-    ds = SeededSamples(load_world(world_dir).classification("train", augment=True))
+    world = load_world(world_dir).classification("train", augment=True)
+    epoch1, epoch2 = SeededSamples(world, 0, 1), SeededSamples(world, 0, 2)
     torch.manual_seed(3)
     state = torch.get_rng_state()
-    first = ds[(5, augmentation_seed(0, 1, 5))][0]
+    first = epoch1[5][0]
     assert torch.equal(torch.get_rng_state(), state)
-    assert torch.equal(ds[(5, augmentation_seed(0, 1, 5))][0], first)
-    assert not torch.equal(ds[(5, augmentation_seed(0, 2, 5))][0], first)  # another epoch, another crop
+    assert torch.equal(epoch1[5][0], first)
+    assert not torch.equal(epoch2[5][0], first)  # another epoch, another crop
 
 
 def test_clean_teacher_cache_gives_the_same_loss(world_dir, tmp_path):
@@ -343,17 +337,7 @@ def test_release_recipe_refuses_ablation_switches(world_dir):
 
 
 def test_changing_the_length_on_resume_is_warned(world_dir, tmp_path, monkeypatch, caplog):
-    original = Trainer._save_checkpoint
-
-    def save_then_stop(self):
-        original(self)
-        if self.step == 1:
-            raise _Stop
-
-    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_stop)
-    with pytest.raises(_Stop):
-        Trainer(load_config(None, tiny_overrides(world_dir, steps=2)), tmp_path / "run", show_progress=False).train()
-    monkeypatch.setattr(Trainer, "_save_checkpoint", original)
+    _interrupt_after(tiny_overrides(world_dir, steps=2), tmp_path / "run", 1, monkeypatch)
     with caplog.at_level("WARNING"):
         Trainer(load_config(None, tiny_overrides(world_dir, steps=3)), tmp_path / "run", show_progress=False)
     assert "train.steps changed from 2 to 3 on resume" in caplog.text

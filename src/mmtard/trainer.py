@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from mmtard import checkpoint as ckpt
 from mmtard.config import Config, save_config, to_dict
-from mmtard.data.base import SeededSamples, augmentation_seed
+from mmtard.data.base import SeededSamples
 from mmtard.distributed import (DistEnv, all_gather_object, all_reduce_mean, barrier, env_world_size,
                                  init_distributed, lost_ranks_reported, run_on_main)
 from mmtard.errors import ConfigError, MmtardError
@@ -208,11 +208,10 @@ class Trainer:
             # A private generator: creating the loader's iterator must not draw from the global
             # RNG, or a resumed run's attack noise would be shifted by one draw.
             generator = torch.Generator().manual_seed(self.config.train.seed * 7 + epoch * 1009 + self.env.rank)
-            dataset, sampler = self.dataset, indices
+            dataset = self.dataset
             if self.config.data.augment:  # crops follow (seed, epoch, sample), not the worker layout
-                dataset = SeededSamples(self.dataset)
-                sampler = [(i, augmentation_seed(self.config.train.seed, epoch, i)) for i in indices]
-            loader = DataLoader(dataset, batch_size=micro, sampler=sampler, drop_last=True,
+                dataset = SeededSamples(self.dataset, self.config.train.seed, epoch)
+            loader = DataLoader(dataset, batch_size=micro, sampler=indices, drop_last=True,
                                 num_workers=self.config.data.num_workers, generator=generator,
                                 pin_memory=self.device.type == "cuda", persistent_workers=False)
             yield from loader

@@ -78,27 +78,28 @@ def augmentation_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class SeededSamples(Dataset):
-    """Reads ``(index, seed)`` keys: each sample's random augmentation is drawn from its own seed.
+    """One epoch of ``dataset`` whose sample ``i`` draws its random augmentation from
+    :func:`augmentation_seed` ``(seed, epoch, i)``.
 
     Without it, augmentation draws from each DataLoader worker's stream, which depends on how many
     workers there are and where the loader was started, so a resumed run (or another
-    ``num_workers``) would crop differently from an uninterrupted one. The CPU torch RNG of the
+    ``num_workers``) would crop differently from an uninterrupted one. The seed is derived where
+    the sample is read (in the workers), not for the whole epoch up front. The CPU torch RNG of the
     reading process is restored afterwards (with ``num_workers=0`` that is the trainer's own); the
     GPU's is never touched.
     """
 
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
+    def __init__(self, dataset: Dataset, seed: int, epoch: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        index, seed = key
+    def __getitem__(self, index: int) -> Any:
         # CPU generator only: torch.manual_seed would also reseed the GPU's, which fork_rng(devices=[])
         # does not restore (and augmentation runs on the CPU).
         with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
+            torch.default_generator.manual_seed(augmentation_seed(self.seed, self.epoch, index))
             return self.dataset[index]
 
 
