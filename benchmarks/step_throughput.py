@@ -65,6 +65,8 @@ def parse_args(argv=None):
                    help="torch.compile mode of the compiled variants, e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--compile-attack", action="store_true",
                    help="after the compiled variants, also compile each whole PGD iteration (train.compile_attack)")
+    p.add_argument("--repeat", type=int, default=0,
+                   help="time the last configuration's cached step this many more times (spread)")
     p.add_argument("--profile", action="store_true",
                    help="print torch.profiler's top operators for one steady step of the last (b) variant")
     p.add_argument("--no-reference", action="store_true", help="skip (a)")
@@ -271,7 +273,8 @@ def count_flops(fn) -> int:
     return int(counter.get_total_flops())
 
 
-def time_trainer_variants(args, trainer, timer, batches, label: str, reference_ips: float | None, flops: dict):
+def time_trainer_variants(args, trainer, timer, batches, label: str, reference_ips: float | None, flops: dict,
+                          variants: tuple[str, ...] = ("nocache", "cache")):
     from mmtard.teacher_cache import CleanTeacherCache
 
     cache = trainer.method.clean_cache
@@ -279,7 +282,8 @@ def time_trainer_variants(args, trainer, timer, batches, label: str, reference_i
         raise SystemExit("the trainer built no clean-teacher cache (train.clean_teacher_cache with augment off)")
     fn = trainer_step_fn(trainer, batches)
     results = {}
-    for variant, use_cache in (("nocache", False), ("cache", True)):
+    for variant in variants:
+        use_cache = variant == "cache"
         trainer.method.clean_cache = cache if use_cache else None
         if use_cache:  # fill every row the timed steps will read: steady state
             for _ in range(len(batches)):
@@ -529,10 +533,19 @@ def main(argv=None) -> int:
                 trainer.method.attack_iteration = compile_attack_iteration(mode=args.compile_mode)
                 summary["compiled_attack"] = stage("compiled_attack", time_trainer_variants, args, trainer, timer,
                                                    batches, "compiled_attack", reference_ips, flops)
+                if summary["compiled_attack"] is None and args.compile_mode:
+                    # one GPU call is all a session may get: if the CUDA-graph form fails, still
+                    # measure the whole-iteration compile without CUDA graphs
+                    trainer.method.attack_iteration = compile_attack_iteration(mode=None)
+                    summary["compiled_attack"] = stage("compiled_attack", time_trainer_variants, args, trainer,
+                                                       timer, batches, "compiled_attack_default", reference_ips, flops)
                 if args.check and fp32_losses:
                     stage("check", check_losses, args, trainer, batches, "compiled_attack", fp32_losses)
                 if args.compile_breakdown:
                     stage("breakdown", time_breakdown, args, trainer, batches, timer, "compiled_attack")
+        for i in range(args.repeat):  # the spread of the last configuration's cached step
+            stage("repeat", time_trainer_variants, args, trainer, timer, batches, f"repeat{i + 1}", reference_ips,
+                  flops, variants=("cache",))
         if args.profile:
             stage("profile", profile_step, args, trainer, batches, timer)
         summary = {k: v for k, v in summary.items() if v}
