@@ -282,6 +282,14 @@ def time_trainer_variants(args, trainer, timer, batches, label: str, reference_i
         raise SystemExit("the trainer built no clean-teacher cache (train.clean_teacher_cache with augment off)")
     fn = trainer_step_fn(trainer, batches)
     results = {}
+    try:
+        _time_variants(args, trainer, timer, fn, batches, cache, label, reference_ips, flops, variants, results)
+    finally:  # a failed variant must not leave the next stage without the cache
+        trainer.method.clean_cache = cache
+    return results
+
+
+def _time_variants(args, trainer, timer, fn, batches, cache, label, reference_ips, flops, variants, results):
     for variant in variants:
         use_cache = variant == "cache"
         trainer.method.clean_cache = cache if use_cache else None
@@ -310,8 +318,6 @@ def time_trainer_variants(args, trainer, timer, batches, label: str, reference_i
             fields["fraction_of_peak"] = flops[key] / r["s_per_step"] / (args.peak_tflops * 1e12)
         emit(name, **fields)
         results[variant] = ips
-    trainer.method.clean_cache = cache
-    return results
 
 
 def measure_flops(args, trainer, batches, timer) -> dict:

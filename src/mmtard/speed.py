@@ -109,4 +109,14 @@ def compile_attack_iteration(backend: str = "inductor", mode: str | None = None,
     """
     _raise_recompile_limit()
     log.info("torch.compile (%s%s) of the PGD iteration", backend, f", {mode}" if mode else "")
-    return torch.compile(functional_pgd_iteration, backend=backend, mode=mode, dynamic=dynamic, fullgraph=True)
+    compiled = torch.compile(functional_pgd_iteration, backend=backend, mode=mode, dynamic=dynamic, fullgraph=True)
+
+    def iteration(loss_fn, x, delta, velocity, cfg, autocast_dtype=None):
+        # Under CUDA graphs (reduce-overhead) an iteration's outputs live in the graph's memory
+        # pool and the next replay overwrites them, yet they are the next iteration's inputs:
+        # torch raises "accessing tensor output of CUDAGraphs that has been overwritten" (seen on
+        # an H200). Copies outside the graph (two image-sized tensors, microseconds) break that.
+        delta, velocity = compiled(loss_fn, x, delta, velocity, cfg, autocast_dtype)
+        return delta.clone(), velocity.clone()
+
+    return iteration
