@@ -69,6 +69,8 @@ def parse_args(argv=None):
                    help="time the last configuration's cached step this many more times (spread)")
     p.add_argument("--profile", action="store_true",
                    help="print torch.profiler's top operators for one steady step of the last (b) variant")
+    p.add_argument("--patch-embed", default="auto", choices=["auto", "conv", "matmul"],
+                   help="train.patch_embed of (b): auto = matmul on a GPU (the reference keeps the convolution)")
     p.add_argument("--no-reference", action="store_true", help="skip (a)")
     p.add_argument("--no-eager", action="store_true", help="skip the eager variants of (b)")
     p.add_argument("--check", action="store_true", help="compare the step's loss: fp32 vs bf16 (vs compiled)")
@@ -182,7 +184,8 @@ def build_trainer(args, workdir: Path, compile_: bool):
         method=MethodConfig(name="mmt_ard", recipe=args.recipe,
                             confidence="cosine" if args.recipe == "release" else "probability"),
         train=TrainConfig(steps=10**6, global_batch=args.batch, device=str(args.device), precision=args.precision,
-                          log_every=10**6, ckpt_every=10**6, clean_teacher_cache=True, compile=compile_),
+                          log_every=10**6, ckpt_every=10**6, clean_teacher_cache=True, compile=compile_,
+                          patch_embed="conv"),  # main() swaps it after the reference, per --patch-embed
     )
     validate(config)
     run_dir = workdir / ("run-compiled" if compile_ else "run")
@@ -508,15 +511,21 @@ def main(argv=None) -> int:
             emit("reference", images_per_s=reference_ips, s_per_step=r["s_per_step"], peak_mem_GiB=r["peak_mem_GiB"],
                  batch=args.ref_batch, precision="fp32", teacher_passes=3,
                  gflop_per_image=ref_flops / args.ref_batch / 1e9)
+        fp32_losses: dict = {}
+        if args.check:  # before the patch-embedding swap: fp32 losses of plain open_clip towers
+            stage("check", check_losses, args, trainer, batches, "eager", fp32_losses)
+        if args.patch_embed == "matmul" or (args.patch_embed == "auto" and device.type == "cuda"):
+            from mmtard.speed import matmul_patch_embedding
+
+            # what train.patch_embed (auto, on a GPU) does in factory.build_method; the reference
+            # above ran open_clip's convolution, as the release does
+            emit("patch_embed", mode="matmul", towers=matmul_patch_embedding(trainer.method))
         flops = stage("flops", measure_flops, args, trainer, batches, timer) or {}
         summary = {}
         if args.compile in ("off", "both") and not args.no_eager:
             summary["eager"] = stage("eager", time_trainer_variants, args, trainer, timer, batches, "eager",
                                      reference_ips, flops)
             stage("breakdown", time_breakdown, args, trainer, batches, timer)
-        fp32_losses: dict = {}
-        if args.check:
-            stage("check", check_losses, args, trainer, batches, "eager", fp32_losses)
         if args.eval:
             stage("autoattack", time_autoattack, args, trainer.student, device, timer)
         if args.compile in ("on", "both"):

@@ -1,6 +1,6 @@
 """Speed changes keep the mathematics: bf16 autocast and torch.compile give the fp32 step's loss
-within bf16 tolerance, frozen-weight attacks give the same input gradient, and train.compile is
-wired in."""
+within bf16 tolerance, frozen-weight attacks give the same input gradient, the patch embedding as
+a matrix product is the convolution, and train.compile / train.patch_embed are wired in."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 from mmtard.attacks import PGDConfig, pgd, pgd_iteration
 from mmtard.config import load_config
 from mmtard.errors import ConfigError
-from mmtard.speed import compile_attack_iteration, compile_method, image_towers, input_grad_only
+from mmtard.speed import (PatchEmbedding, compile_attack_iteration, compile_method, image_towers, input_grad_only,
+                          matmul_patch_embedding)
 from mmtard.trainer import Trainer
 
 TEACHERS = "teachers=[{name: mmtard-small-vit, role: clean}, {name: mmtard-small-vit, role: robust}]"
@@ -165,3 +166,50 @@ def test_train_compile_attack_switch(world_dir, tmp_path):
     assert off.method.attack_iteration is pgd_iteration
     with pytest.raises(ConfigError, match="train.compile_attack cannot be combined with train.lora"):
         load_config(None, _overrides(world_dir, **{"train.compile_attack": "true", "train.lora": "true"}))
+
+
+@pytest.mark.parametrize("size", [(16, 16), (18, 21)])  # the second: a partial patch dropped, as conv does
+def test_patch_embedding_as_matrix_product_is_the_convolution(size):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, kernel_size=4, stride=4, bias=True)
+    product = PatchEmbedding(conv)
+    assert product.weight is conv.weight and product.bias is conv.bias  # same parameters, same names
+    x = torch.rand(2, 3, *size, requires_grad=True)
+    expected, got = conv(x), product(x)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    probe = torch.randn_like(expected)  # input and weight gradients too (the attack needs the first)
+    grads_conv = torch.autograd.grad((expected * probe).sum(), [x, conv.weight, conv.bias])
+    grads_product = torch.autograd.grad((got * probe).sum(), [x, conv.weight, conv.bias])
+    for a, b in zip(grads_product, grads_conv):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="not a patch-embedding convolution"):
+        PatchEmbedding(torch.nn.Conv2d(3, 8, kernel_size=4, stride=2))
+
+
+def test_matmul_patch_embedding_gives_the_convolution_step_loss(world_dir, tmp_path):
+    config = load_config(None, _overrides(world_dir, **{"attack.steps": 2, "train.precision": "fp32"}))
+    trainer = Trainer(config, tmp_path / "run", show_progress=False)
+    trainer.method.train()
+    batch = _batch(trainer)
+    names = sorted(trainer.student.state_dict())
+    torch.manual_seed(7)
+    conv = trainer.method(*batch)["loss"].detach()
+    assert matmul_patch_embedding(trainer.method) == 3  # student and both teachers
+    assert all(isinstance(t.conv1, PatchEmbedding) for t in image_towers(trainer.method))
+    torch.manual_seed(7)
+    product = trainer.method(*batch)["loss"].detach()
+    torch.testing.assert_close(product, conv, rtol=1e-5, atol=1e-7)
+    assert sorted(trainer.student.state_dict()) == names  # checkpoints and exports unchanged
+
+
+def test_train_patch_embed_switch(world_dir, tmp_path):
+    def towers(value):
+        trainer = Trainer(load_config(None, _overrides(world_dir, **{"train.patch_embed": value})),
+                          tmp_path / value, show_progress=False)
+        return [type(t.conv1) for t in image_towers(trainer.method)]
+
+    assert towers("matmul") == [PatchEmbedding] * 3
+    assert towers("auto") == [torch.nn.Conv2d] * 3  # auto: the product on a GPU only
+    with pytest.raises(ConfigError, match="train.patch_embed: 'fast' is not one of auto, conv, matmul"):
+        load_config(None, _overrides(world_dir, **{"train.patch_embed": "fast"}))

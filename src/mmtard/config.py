@@ -41,6 +41,9 @@ class TeacherConfig:
 
 
 DATA_SOURCES = ("world", "imagefolder", "imagenet", "shards")
+#: train.patch_embed: the image towers' patch embedding as cuDNN's convolution or as one matrix
+#: product (same linear map, mmtard.speed.PatchEmbedding); auto: the product on a GPU only
+PATCH_EMBEDS = ("auto", "conv", "matmul")
 
 
 @dataclass
@@ -136,6 +139,7 @@ class TrainConfig:
     compile: bool = False
     compile_mode: str | None = None
     compile_attack: bool = False
+    patch_embed: str = "auto"
 
 
 @dataclass
@@ -312,6 +316,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.precision: '{train.precision}' is not one of auto, fp32, bf16")
     if not 0 <= train.warmup_frac < 1:
         raise ConfigError(f"train.warmup_frac: {train.warmup_frac} must be in [0, 1)")
+    if train.patch_embed not in PATCH_EMBEDS:
+        raise ConfigError(f"train.patch_embed: '{train.patch_embed}' is not one of {', '.join(PATCH_EMBEDS)}")
     if train.compile_attack and train.lora:
         raise ConfigError("train.compile_attack cannot be combined with train.lora: peft's LoRA on "
                           "nn.MultiheadAttention merges its weights in place at every forward, which a single "

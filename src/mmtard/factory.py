@@ -124,6 +124,11 @@ def build_method(config: Config, student: CLIPClassifier, teachers: list[Teacher
                  reference: CLIPClassifier | None, amp: torch.dtype | None) -> Method:
     cls = METHODS[config.method.name]
     method = cls(student, teachers, config.attack.pgd(), config.method, reference=reference, autocast_dtype=amp)
+    device = next(student.parameters()).device
+    if config.train.patch_embed == "matmul" or (config.train.patch_embed == "auto" and device.type == "cuda"):
+        from mmtard.speed import matmul_patch_embedding
+
+        matmul_patch_embedding(method)  # before compiling, so the compiled towers trace the product
     if config.train.compile:  # in place: parameter names, checkpoints and exports are unchanged
         from mmtard.speed import compile_method
 
