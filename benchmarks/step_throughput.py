@@ -11,7 +11,10 @@ In ONE process, with random weights (timing does not depend on their values):
     ``Trainer._train_step`` with batches already on the device (the data loader is not timed).
     Variants: without and with the clean-teacher cache (steady state: every row filled), with
     ``train.compile`` (compile time reported separately) and, with ``--compile-attack``, with
-    ``train.compile_attack`` on top (each whole PGD iteration one compiled graph).
+    ``train.compile_attack`` on top (each whole PGD iteration one compiled graph). Like the
+    trainer on a GPU (``train.patch_embed: auto``), (b) runs the patch embedding as a matrix
+    product (``--patch-embed``); it is swapped in after (a) and the fp32 loss check, which keep
+    open_clip's convolution as the release does.
 
 Printed per variant: images/s, seconds per step, peak memory; the ratio b/a; the FLOP count of
 (b) from ``torch.utils.flop_counter.FlopCounterMode`` and the fraction of ``--peak-tflops``.
