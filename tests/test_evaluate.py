@@ -355,6 +355,14 @@ def test_fixed_size_suite_sets_keep_their_native_resolution():
     assert suite_image_size("caltech101") == 224 and suite_image_size("imagenet-r") == 224
 
 
+def test_suite_entry_takes_names_and_templates_in_the_head_form(tmp_path):
+    """clip-benchmark's built-in one-image set: its class names, and its templates with the
+    ``{c}`` slot as the ``{}`` that the zero-shot head formats."""
+    (entry,) = suite_datasets(["dummy"], tmp_path)
+    assert entry.kind == "zeroshot" and entry.classnames == ["blank image", "noisy image"]
+    assert entry.templates and all(t.count("{}") == 1 and "{c}" not in t for t in entry.templates)
+
+
 def test_eval_n_samples_leaves_the_imagenet_list_whole():
     from types import SimpleNamespace
 

@@ -17,9 +17,9 @@ from mmtard.zeroshot import (
     imagenet_classnames,
     imagenet_templates,
     suite_classnames,
-    suite_templates,
     text_weights,
 )
+from mmtard.data import zeroshot_templates
 
 TINY = "mmtard-tiny-vit"
 CLASSES = ["red circle", "blue square", "green triangle"]
@@ -177,7 +177,7 @@ def _clip_benchmark_file(name: str) -> dict:
 
 
 def test_suite_templates_come_from_clip_benchmark():
-    templates = suite_templates("cifar10")
+    templates = zeroshot_templates("cifar10")
     raw = _clip_benchmark_file("en_zeroshot_classification_templates.json")["cifar10"]
     assert templates and len(templates) == len(raw)
     # clip-benchmark's '{c}' slot comes back as the '{}' that compute_text_weights formats.
@@ -187,16 +187,18 @@ def test_suite_templates_come_from_clip_benchmark():
 
 
 def test_suite_templates_work_with_compute_text_weights(clip):
-    templates = suite_templates("cifar10")[:3]
+    templates = zeroshot_templates("cifar10")[:3]
     weights = compute_text_weights(clip, open_clip.get_tokenizer(TINY), ["cat", "dog"], templates)
     torch.testing.assert_close(weights, _manual_weights(clip, ["cat", "dog"], templates), rtol=1e-5, atol=1e-5)
 
 
-def test_suite_templates_imagenet_variants_and_unknown():
-    assert suite_templates("imagenet") == imagenet_templates()
-    assert suite_templates("imagenet-r") == imagenet_templates()
-    with pytest.raises(DataError, match="no-such-dataset"):
-        suite_templates("no-such-dataset")
+def test_suite_templates_imagenet_variants_and_fallback():
+    # clip-benchmark's ImageNet list is open_clip's 80-template ensemble, same order: one source
+    # serves ImageNet evaluation and the suite alike, with the same head digest
+    assert zeroshot_templates("imagenet") == imagenet_templates()
+    assert zeroshot_templates("imagenet1k") == imagenet_templates()
+    assert zeroshot_templates("imagenet-r") == imagenet_templates()  # no templates of its own
+    assert zeroshot_templates("no-such-dataset") == imagenet_templates()  # clip-benchmark's fallback
 
 
 def test_suite_classnames():

@@ -104,7 +104,7 @@ def suite_datasets(names: Sequence[str], root: str | Path, image_size: int | Non
     has one (:data:`NATIVE_SIZE_SETS`), 224 elsewhere (:func:`suite_image_size`).
     """
     from mmtard.data import build_zeroshot_dataset
-    from mmtard.zeroshot import suite_classnames, suite_templates
+    from mmtard.zeroshot import suite_classnames
 
     out = []
     for name in names:
@@ -112,9 +112,5 @@ def suite_datasets(names: Sequence[str], root: str | Path, image_size: int | Non
         size = suite_image_size(name) if image_size == "auto" else image_size
         ds = build_zeroshot_dataset(name, where, image_size=size)
         classnames = suite_classnames(name) or list(ds.classnames)
-        try:
-            templates = suite_templates(name)
-        except DataError:  # clip-benchmark's own fallback, with its "{c}" slot in our "{}" form
-            templates = [t.replace("{c}", "{}") for t in ds.templates]
-        out.append(DatasetEntry(name, ds, classnames, templates))
+        out.append(DatasetEntry(name, ds, classnames, list(ds.templates)))
     return out

@@ -40,33 +40,14 @@ def imagenet_templates() -> list[str]:
     return [_template_string(t) for t in open_clip.OPENAI_IMAGENET_TEMPLATES]
 
 
-def suite_templates(dataset: str) -> list[str]:
-    """Prompt templates of a zero-shot dataset, from clip-benchmark's English template file.
-
-    clip-benchmark writes the slot as ``{c}``; it is returned as ``{}``, the form
-    :func:`compute_text_weights` formats and the cache key hashes.
-    """
-    name = _suite_key(dataset)
-    if name in ("imagenet1k", "imagenet-r", "imagenet_sketch"):
-        return imagenet_templates()
-    templates = clip_benchmark_json("en_zeroshot_classification_templates.json")
-    if name not in templates:
-        raise DataError(f"clip-benchmark has no templates for dataset '{dataset}'")
-    return [t.replace("{c}", "{}") for t in templates[name]]
-
-
 def suite_classnames(dataset: str) -> list[str] | None:
     """Curated class names from clip-benchmark where it has them; None means: use the dataset's own
     ``classes`` (torchvision datasets such as CIFAR name their classes well)."""
-    name = _suite_key(dataset)
+    name = {"imagenet": "imagenet1k"}.get(dataset, dataset)
     if name == "imagenet1k":
         return imagenet_classnames()
     names = clip_benchmark_json("en_classnames.json")
     return list(names[name]) if name in names else None
-
-
-def _suite_key(dataset: str) -> str:
-    return {"imagenet": "imagenet1k"}.get(dataset, dataset)
 
 
 def fingerprint_text_tower(clip: nn.Module) -> str:

@@ -52,12 +52,21 @@ def clip_benchmark_json(filename: str) -> dict:
 
 
 def zeroshot_templates(name: str) -> list[str]:
-    """clip-benchmark's English prompt templates for ``name`` (ImageNet's when it has none).
+    """clip-benchmark's English prompt templates for ``name``, with its ``{c}`` slot written
+    ``{}`` (the form :func:`mmtard.zeroshot.compute_text_weights` formats and hashes).
 
-    ImageNet-R and ImageNet-Sketch use the ImageNet templates, as clip-benchmark itself does.
+    A set without templates of its own (ImageNet-R, ImageNet-Sketch, ...) gets ImageNet's, as in
+    clip-benchmark itself; ImageNet's are the 80 of OpenAI's ensemble, the same list and order as
+    ``open_clip.OPENAI_IMAGENET_TEMPLATES`` (a test holds the two equal).
     """
     templates = clip_benchmark_json("en_zeroshot_classification_templates.json")
-    return list(templates.get(name, templates["imagenet1k"]))
+    key = {"imagenet": "imagenet1k"}.get(name, name)
+    return [template_slot(t) for t in templates.get(key, templates["imagenet1k"])]
+
+
+def template_slot(template: str) -> str:
+    """clip-benchmark's ``{c}`` class slot as ``{}``."""
+    return template.replace("{c}", "{}")
 
 
 class _SuiteTransform:
@@ -100,7 +109,8 @@ class ZeroShotSuiteDataset(Dataset):
         self.image_size = image_size
         self.strict = strict
         self.classnames = list(inner.classes)
-        self.templates = list(getattr(inner, "templates", None) or zeroshot_templates(name))
+        own = getattr(inner, "templates", None)
+        self.templates = [template_slot(t) for t in own] if own else zeroshot_templates(name)
         self.sample_ids = _sample_ids(inner, name, len(inner))
         self.skip_log = SkipLog()
         self._native_shape = None
