@@ -30,6 +30,7 @@ Every result line starts with ``RESULT`` and holds ``key=value`` fields.
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import itertools
 import logging
@@ -74,6 +75,8 @@ def parse_args(argv=None):
                    help="print torch.profiler's top operators for one steady step of the last (b) variant")
     p.add_argument("--patch-embed", default="auto", choices=["auto", "conv", "matmul"],
                    help="train.patch_embed of (b): auto = matmul on a GPU (the reference keeps the convolution)")
+    p.add_argument("--attention", default="auto", choices=["auto", "flash", "efficient", "cudnn", "math"],
+                   help="train.attention of (b): torch's attention kernel (see attention_kernels.py)")
     p.add_argument("--no-reference", action="store_true", help="skip (a)")
     p.add_argument("--no-eager", action="store_true", help="skip the eager variants of (b)")
     p.add_argument("--check", action="store_true", help="compare the step's loss: fp32 vs bf16 (vs compiled)")
@@ -188,7 +191,7 @@ def build_trainer(args, workdir: Path, compile_: bool):
                             confidence="cosine" if args.recipe == "release" else "probability"),
         train=TrainConfig(steps=10**6, global_batch=args.batch, device=str(args.device), precision=args.precision,
                           log_every=10**6, ckpt_every=10**6, clean_teacher_cache=True, compile=compile_,
-                          patch_embed="conv"),  # main() swaps it after the reference, per --patch-embed
+                          patch_embed="conv", attention=args.attention),  # main() swaps it after the reference, per --patch-embed
     )
     validate(config)
     run_dir = workdir / ("run-compiled" if compile_ else "run")
@@ -349,13 +352,19 @@ def time_breakdown(args, trainer, batches, timer, label: str = "eager") -> None:
     """Where a step's time goes: one clean-teacher forward, the 10-step attack, one robust-teacher
     forward on x_adv, and the student update (forward and backward at 2B), each timed alone."""
     from mmtard.methods.distill import attack_targets, distillation_attack, teacher_outputs
+    from mmtard.speed import attention_kernel
 
     method = trainer.method
     images, labels, indices = batches[0]
     cache = method.clean_cache
     method.clean_cache = None
     amp = trainer.amp
-    ctx = lambda: torch.autocast(images.device.type, dtype=amp or torch.float32, enabled=amp is not None)  # noqa: E731
+
+    @contextlib.contextmanager
+    def ctx():  # as Trainer._train_step runs the method
+        with torch.autocast(images.device.type, dtype=amp or torch.float32, enabled=amp is not None), \
+                attention_kernel(args.attention):
+            yield
     try:
         with ctx():
             targets = attack_targets(method, images, indices)
@@ -396,6 +405,8 @@ def check_losses(args, trainer, batches, label: str, store: dict) -> None:
     attack off (steps 0: the forward and loss alone) and on (PGD steps as configured)."""
     import dataclasses
 
+    from mmtard.speed import attention_kernel
+
     method = trainer.method
     images, labels, indices = batches[0]
     cache, cfg, amp_saved = method.clean_cache, method.attack_cfg, method.autocast_dtype
@@ -411,7 +422,7 @@ def check_losses(args, trainer, batches, label: str, store: dict) -> None:
                 store[steps] = float(method(images, labels, indices)["loss"].detach())
             method.autocast_dtype = amp
             torch.manual_seed(5)
-            with torch.autocast(images.device.type, dtype=amp):
+            with torch.autocast(images.device.type, dtype=amp), attention_kernel(args.attention):
                 fast = float(method(images, labels, indices)["loss"].detach())
             ref = store[steps]
             fields[f"loss_fp32_pgd{steps}"] = ref

@@ -18,7 +18,7 @@ def test_tiny_benchmark_prints_every_field(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", MMTARD_CACHE_DIR=str(tmp_path / "cache"))
     args = [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--steps", "1", "--warmup", "1",
             "--ref-steps", "1", "--pgd-steps", "2", "--eval", "--eval-n", "4", "--eval-iterations", "2",
-            "--check", "--profile"]
+            "--check", "--profile", "--attention", "math"]
     proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = {}
@@ -51,3 +51,17 @@ def test_shard_read_benchmark_runs(tmp_path):
     names = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert names == ["write", "index", "read", "read"]
     assert re.search(r"RESULT read source=shards reads=10 seconds=\S+ samples_per_s=\S+", proc.stdout)
+
+
+def test_attention_kernel_benchmark_runs():
+    script = SCRIPT.parent / "attention_kernels.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(script), "--tiny", "--device", "cpu", "--iters", "1"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line.split() for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    timed = {(fields[1], fields[2]) for fields in lines if any(f.startswith("us_per_call=") for f in fields)}
+    refused = {(fields[1], fields[2]) for fields in lines if any(f.startswith("refused=") for f in fields)}
+    for shape in ("student", "update", "teacher"):
+        assert {(shape, "kernel=auto"), (shape, "kernel=math"), (shape, "kernel=flash")} <= timed
+        assert (shape, "kernel=cudnn") in refused  # a CPU has no cuDNN attention: reported, not fatal

@@ -10,8 +10,8 @@ import torch
 from mmtard.attacks import PGDConfig, pgd, pgd_iteration
 from mmtard.config import load_config
 from mmtard.errors import ConfigError
-from mmtard.speed import (PatchEmbedding, compile_attack_iteration, compile_method, image_towers, input_grad_only,
-                          matmul_patch_embedding)
+from mmtard.speed import (PatchEmbedding, attention_kernel, compile_attack_iteration, compile_method, image_towers,
+                          input_grad_only, matmul_patch_embedding)
 from mmtard.trainer import Trainer
 
 TEACHERS = "teachers=[{name: mmtard-small-vit, role: clean}, {name: mmtard-small-vit, role: robust}]"
@@ -213,3 +213,43 @@ def test_train_patch_embed_switch(world_dir, tmp_path):
     assert towers("auto") == [torch.nn.Conv2d] * 3  # auto: the product on a GPU only
     with pytest.raises(ConfigError, match="train.patch_embed: 'fast' is not one of auto, conv, matmul"):
         load_config(None, _overrides(world_dir, **{"train.patch_embed": "fast"}))
+
+
+def test_attention_kernels_give_the_same_loss(world_dir, tmp_path):
+    config = load_config(None, _overrides(world_dir, **{"attack.steps": 2, "train.precision": "fp32"}))
+    trainer = Trainer(config, tmp_path / "run", show_progress=False)
+    trainer.method.train()
+    batch = _batch(trainer)
+    losses = {}
+    for name in ("auto", "math", "flash"):  # the kernels a CPU has
+        torch.manual_seed(7)
+        with attention_kernel(name):
+            losses[name] = trainer.method(*batch)["loss"].detach()
+    torch.testing.assert_close(losses["math"], losses["auto"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(losses["flash"], losses["auto"], rtol=1e-5, atol=1e-7)
+
+
+def test_train_attention_switch(world_dir, tmp_path):
+    seen = []
+
+    def step_with(value):
+        trainer = Trainer(load_config(None, _overrides(world_dir, **{"train.attention": value})),
+                          tmp_path / value, show_progress=False)
+        inner = trainer.method.forward
+
+        def spy(*args, **kwargs):  # which kernels torch may pick while the method runs
+            seen.append((value, torch.backends.cuda.math_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()))
+            return inner(*args, **kwargs)
+
+        trainer.method.forward = spy
+        trainer._train_step(iter([_batch(trainer)]), {})
+
+    step_with("math")
+    step_with("auto")
+    assert seen == [("math", True, False), ("auto", True, True)]
+    assert torch.backends.cuda.flash_sdp_enabled()  # restored after the step
+    with pytest.raises(ConfigError, match="train.attention: 'fast' is not one of auto, flash, efficient, cudnn, math"):
+        load_config(None, _overrides(world_dir, **{"train.attention": "fast"}))
+    with pytest.raises(ConfigError, match="train.attention: 'cudnn' needs a CUDA device"):
+        Trainer(load_config(None, _overrides(world_dir, **{"train.attention": "cudnn"})), tmp_path / "cudnn",
+                show_progress=False)

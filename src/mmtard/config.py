@@ -44,6 +44,9 @@ DATA_SOURCES = ("world", "imagefolder", "imagenet", "shards")
 #: train.patch_embed: the image towers' patch embedding as cuDNN's convolution or as one matrix
 #: product (same linear map, mmtard.speed.PatchEmbedding); auto: the product on a GPU only
 PATCH_EMBEDS = ("auto", "conv", "matmul")
+#: train.attention: torch's scaled-dot-product-attention kernel (mmtard.speed.attention_kernel);
+#: auto leaves torch's choice
+ATTENTION_KERNELS = ("auto", "flash", "efficient", "cudnn", "math")
 
 
 @dataclass
@@ -140,6 +143,7 @@ class TrainConfig:
     compile_mode: str | None = None
     compile_attack: bool = False
     patch_embed: str = "auto"
+    attention: str = "auto"
 
 
 @dataclass
@@ -318,6 +322,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.warmup_frac: {train.warmup_frac} must be in [0, 1)")
     if train.patch_embed not in PATCH_EMBEDS:
         raise ConfigError(f"train.patch_embed: '{train.patch_embed}' is not one of {', '.join(PATCH_EMBEDS)}")
+    if train.attention not in ATTENTION_KERNELS:
+        raise ConfigError(f"train.attention: '{train.attention}' is not one of {', '.join(ATTENTION_KERNELS)}")
     if train.compile_attack and train.lora:
         raise ConfigError("train.compile_attack cannot be combined with train.lora: peft's LoRA on "
                           "nn.MultiheadAttention merges its weights in place at every forward, which a single "

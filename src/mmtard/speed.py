@@ -31,6 +31,13 @@ ask autograd for input gradients only. None of them changes the mathematics.
   PGD iteration needs) in 31 ms of a 186 ms compiled step on an H200 (``--profile`` of
   ``benchmarks/step_throughput.py``). Switched by ``train.patch_embed`` (``auto``: on a GPU).
 
+* :func:`attention_kernel` picks torch's scaled-dot-product-attention kernel for the step
+  (``train.attention``). torch chooses by a fixed priority (cuDNN's kernel on Hopper); for the
+  student's 50 tokens (ViT-B-32 at 224 px) that kernel ran at about 15 TFLOP/s on an H200,
+  roughly 15 ms of a 154 ms step for about 1 % of its FLOPs. Which kernel is fastest at these
+  short sequences is measured by ``benchmarks/attention_kernels.py``, not assumed here: the
+  default stays torch's own choice.
+
 Channels-last is deliberately not used: in a ViT the only convolution is the patch embedding,
 replaced above, and the transformer blocks work on [B, L, D] tensors that have no channels-last
 layout.
@@ -46,6 +53,7 @@ import torch
 from torch import nn
 
 from mmtard.attacks import Iteration, functional_pgd_iteration
+from mmtard.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +131,30 @@ def matmul_patch_embedding(method: nn.Module) -> int:
             swapped += 1
     log.info("patch embedding as a matrix product in %d image towers", swapped)
     return swapped
+
+
+_CPU_ATTENTION_KERNELS = ("auto", "flash", "math")  # what torch has on a CPU
+
+
+def check_attention_kernel(name: str, device: torch.device) -> None:
+    """Refuse, before any model is built, a kernel the device does not have (torch would only
+    say "No viable backend" at the first forward)."""
+    if device.type != "cuda" and name not in _CPU_ATTENTION_KERNELS:
+        raise ConfigError(f"train.attention: '{name}' needs a CUDA device; on {device.type} use one of "
+                          f"{', '.join(_CPU_ATTENTION_KERNELS)}")
+
+
+def attention_kernel(name: str) -> contextlib.AbstractContextManager:
+    """Within the block, scaled-dot-product attention runs ``name``'s kernel (``auto``: torch's
+    choice). Every kernel computes the same attention; only the order of the sums differs. The
+    backward runs the kernel the forward chose, so the forward alone needs the block."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    return sdpa_kernel([backends[name]])
 
 
 def image_towers(method: nn.Module) -> list[nn.Module]:

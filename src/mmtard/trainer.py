@@ -35,6 +35,7 @@ from mmtard.lora import merged_copy
 from mmtard.metrics import MetricsWriter
 from mmtard.models import export_open_clip
 from mmtard.runs import prepare_run_dir, write_run_info
+from mmtard.speed import attention_kernel, check_attention_kernel
 from mmtard.teacher_cache import CleanTeacherCache
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ class Trainer:
         self.config = config
         self.run_dir = Path(run_dir)
         self.device = resolve_device(config.train.device)
+        check_attention_kernel(config.train.attention, self.device)
         # checked before joining the process group: a refused batch never waits for a rendezvous
         self.plan = BatchPlan.from_config(config.train.global_batch, config.train.micro_batch, env_world_size())
         self.env = init_distributed(self.device.type)
@@ -289,7 +291,8 @@ class Trainer:
             sync = micro == self.plan.accumulation - 1
             context = forward.no_sync() if (self.env.enabled and not sync) else contextlib.nullcontext()
             with context:
-                with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None), \
+                        attention_kernel(self.config.train.attention):
                     out = self.method(images, labels, indices)
                 (out["loss"] / self.plan.accumulation).backward()
             for key, value in self._step_terms(out, images, labels).items():

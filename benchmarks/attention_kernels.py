@@ -1,0 +1,102 @@
+"""Which scaled-dot-product-attention kernel is fastest at the training step's shapes (issue 7).
+
+torch picks its attention kernel by a fixed priority (cuDNN's on Hopper). The step's attention
+is unusual: the student (ViT-B-32 at 224 px) has 50 tokens, far shorter than the sequences those
+kernels are tuned for, and in the H200 profile its attention ran at about 15 TFLOP/s. This times
+each kernel ``train.attention`` can force, alone, at the step's three shapes:
+
+* ``student``: ViT-B-32 in the attack, batch B, 12 heads, 50 tokens: forward and input gradient
+  (10 per step);
+* ``update``: the same at batch 2B (clean and adversarial images), forward and backward (1);
+* ``teacher``: ViT-L-14, batch B, 16 heads, 257 tokens: forward only (1 per step, no grad).
+
+Per kernel and shape: microseconds per call and TFLOP/s (attention FLOPs: 4 B H L^2 d forward,
+2.5 times that for the backward), or why the kernel refused. Use the fastest with
+``train.attention`` and confirm with ``step_throughput.py --attention``.
+
+    python benchmarks/attention_kernels.py                    # one GPU, bf16, seconds
+    python benchmarks/attention_kernels.py --tiny --device cpu
+
+Every result line starts with ``RESULT`` and holds ``key=value`` fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from mmtard.speed import attention_kernel
+
+KERNELS = ("auto", "flash", "efficient", "cudnn", "math")
+
+
+def shapes(batch: int) -> list[tuple[str, int, int, int, int, bool]]:
+    """(name, batch, heads, tokens, head dim, backward) of the step's attention calls."""
+    return [("student", batch, 12, 50, 64, True), ("update", 2 * batch, 12, 50, 64, True),
+            ("teacher", batch, 16, 257, 64, False)]
+
+
+def time_call(fn, device: torch.device, warmup: int, iters: int) -> float:
+    """Seconds per call, after ``warmup`` calls, between device synchronisations."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / iters
+
+
+def attention_call(kernel: str, q, k, v, backward: bool):
+    grad_out = torch.randn_like(q) if backward else None
+
+    def call():
+        with attention_kernel(kernel):
+            out = F.scaled_dot_product_attention(q, k, v)
+        if backward:
+            torch.autograd.grad(out, (q, k, v), grad_out)
+
+    return call
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--tiny", action="store_true", help="batch 2, few calls (the test suite's CPU run)")
+    p.add_argument("--batch", type=int, default=None, help="the step's micro-batch B (default 128)")
+    p.add_argument("--iters", type=int, default=None, help="timed calls per kernel and shape (default 50)")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    batch = args.batch or (2 if args.tiny else 128)
+    iters = args.iters or (2 if args.tiny else 50)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"RESULT setup device={name.replace(' ', '_')} torch={torch.__version__} dtype={dtype} batch={batch} "
+          f"iters={iters}", flush=True)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for shape, b, heads, tokens, dim, backward in shapes(batch):
+        q, k, v = (torch.randn(b, heads, tokens, dim, generator=g).to(device, dtype).requires_grad_(backward)
+                   for _ in range(3))
+        flops = 4 * b * heads * tokens * tokens * dim * (3.5 if backward else 1.0)
+        for kernel in KERNELS:
+            try:
+                seconds = time_call(attention_call(kernel, q, k, v, backward), device, warmup=3, iters=iters)
+            except RuntimeError as exc:  # this kernel does not serve this device, dtype or shape
+                reason = str(exc).splitlines()[0][:120].replace(" ", "_")
+                print(f"RESULT {shape} kernel={kernel} refused={reason}", flush=True)
+                continue
+            print(f"RESULT {shape} kernel={kernel} us_per_call={seconds * 1e6:.1f} "
+                  f"tflops={flops / seconds / 1e12:.2f} backward={backward} shape={b}x{heads}x{tokens}x{dim}",
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
