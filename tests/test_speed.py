@@ -210,6 +210,11 @@ def test_train_patch_embed_switch(world_dir, tmp_path):
         return [type(t.conv1) for t in image_towers(trainer.method)]
 
     assert towers("matmul") == [PatchEmbedding] * 3
+    lora = Trainer(load_config(None, _overrides(world_dir, **{"train.patch_embed": "matmul", "train.lora": "true"})),
+                   tmp_path / "lora", show_progress=False)
+    conv1 = lora.student.clip.visual.conv1
+    assert isinstance(conv1, PatchEmbedding) and not conv1.weight.requires_grad  # LoRA: the base stays frozen
+    assert torch.isfinite(lora._train_step(iter([_batch(lora)]), {})["loss"])
     assert towers("auto") == [torch.nn.Conv2d] * 3  # auto: the product on a GPU only
     with pytest.raises(ConfigError, match="train.patch_embed: 'fast' is not one of auto, conv, matmul"):
         load_config(None, _overrides(world_dir, **{"train.patch_embed": "fast"}))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmtard.data.folders import imagenet_classnames
-from mmtard.data.zeroshot_suite import clip_benchmark_json
+from mmtard.data.zeroshot_suite import clip_benchmark_json, suite_key
 from mmtard.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def imagenet_templates() -> list[str]:
 def suite_classnames(dataset: str) -> list[str] | None:
     """Curated class names from clip-benchmark where it has them; None means: use the dataset's own
     ``classes`` (torchvision datasets such as CIFAR name their classes well)."""
-    name = {"imagenet": "imagenet1k"}.get(dataset, dataset)
+    name = suite_key(dataset)
     if name == "imagenet1k":
         return imagenet_classnames()
     names = clip_benchmark_json("en_classnames.json")

@@ -60,8 +60,12 @@ def zeroshot_templates(name: str) -> list[str]:
     ``open_clip.OPENAI_IMAGENET_TEMPLATES`` (a test holds the two equal).
     """
     templates = clip_benchmark_json("en_zeroshot_classification_templates.json")
-    key = {"imagenet": "imagenet1k"}.get(name, name)
-    return [template_slot(t) for t in templates.get(key, templates["imagenet1k"])]
+    return [template_slot(t) for t in templates.get(suite_key(name), templates["imagenet1k"])]
+
+
+def suite_key(name: str) -> str:
+    """The key clip-benchmark's metadata files use for a set (``imagenet`` is ``imagenet1k``)."""
+    return {"imagenet": "imagenet1k"}.get(name, name)
 
 
 def template_slot(template: str) -> str:
