@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-
 import itertools
 import logging
 import os
@@ -191,7 +190,8 @@ def build_trainer(args, workdir: Path, compile_: bool):
                             confidence="cosine" if args.recipe == "release" else "probability"),
         train=TrainConfig(steps=10**6, global_batch=args.batch, device=str(args.device), precision=args.precision,
                           log_every=10**6, ckpt_every=10**6, clean_teacher_cache=True, compile=compile_,
-                          patch_embed="conv", attention=args.attention),  # main() swaps it after the reference, per --patch-embed
+                          # the convolution for the reference; main() swaps it per --patch-embed
+                          patch_embed="conv", attention=args.attention),
     )
     validate(config)
     run_dir = workdir / ("run-compiled" if compile_ else "run")
@@ -334,17 +334,20 @@ def measure_flops(args, trainer, batches, timer) -> dict:
     cache = trainer.method.clean_cache
     fn = trainer_step_fn(trainer, batches)
     flops = {}
-    for variant, c in (("nocache", None), ("cache", cache)):
-        trainer.method.clean_cache = c
-        if c is not None:
-            for _ in range(len(batches)):
-                fn()
-        flops[variant] = count_flops(fn)
-        timer.sync()
-        emit(f"flops_{variant}", gflop_per_step=flops[variant] / 1e9, gflop_per_image=flops[variant] / args.batch / 1e9,
-             floor_images_per_s_at_peak=args.batch * args.peak_tflops * 1e12 / flops[variant],
-             peak_tflops=args.peak_tflops)
-    trainer.method.clean_cache = cache
+    try:
+        for variant, c in (("nocache", None), ("cache", cache)):
+            trainer.method.clean_cache = c
+            if c is not None:
+                for _ in range(len(batches)):
+                    fn()
+            flops[variant] = count_flops(fn)
+            timer.sync()
+            emit(f"flops_{variant}", gflop_per_step=flops[variant] / 1e9,
+                 gflop_per_image=flops[variant] / args.batch / 1e9,
+                 floor_images_per_s_at_peak=args.batch * args.peak_tflops * 1e12 / flops[variant],
+                 peak_tflops=args.peak_tflops)
+    finally:  # a failure must not leave the next stage without the cache
+        trainer.method.clean_cache = cache
     return flops
 
 
@@ -399,37 +402,57 @@ def time_breakdown(args, trainer, batches, timer, label: str = "eager") -> None:
         method.clean_cache = cache
 
 
-def check_losses(args, trainer, batches, label: str, store: dict) -> None:
-    """The fast step keeps the mathematics: the method's loss on one fixed batch with the attack
-    noise seeded, in plain fp32 (eager only) and in bf16 autocast (eager or compiled), with the
-    attack off (steps 0: the forward and loss alone) and on (PGD steps as configured)."""
+@contextlib.contextmanager
+def _fixed_batch_loss(trainer, steps: int):
+    """The method with PGD ``steps``, no clean-teacher cache, settings restored afterwards."""
     import dataclasses
 
+    method = trainer.method
+    cache, cfg, amp_saved = method.clean_cache, method.attack_cfg, method.autocast_dtype
+    method.clean_cache = None
+    method.attack_cfg = dataclasses.replace(cfg, steps=steps)
+    try:
+        yield method
+    finally:
+        method.clean_cache, method.attack_cfg, method.autocast_dtype = cache, cfg, amp_saved
+
+
+def reference_losses(args, trainer, batches, store: dict) -> None:
+    """The plain step's losses for :func:`check_losses`: fp32, eager, open_clip's convolution and
+    torch's attention kernel (run before any speed switch), with the attack off (PGD steps 0: the
+    forward and loss alone) and on; and the trainable weights, so that every later check runs on
+    these same weights although the timed steps in between train them."""
+    images, labels, indices = batches[0]
+    store["weights"] = [p.detach().clone() for p in trainer.trainable]
+    for steps in (0, args.pgd_steps):
+        with _fixed_batch_loss(trainer, steps) as method:
+            method.autocast_dtype = None
+            torch.manual_seed(5)
+            store[steps] = float(method(images, labels, indices)["loss"].detach())
+
+
+def check_losses(args, trainer, batches, label: str, store: dict) -> None:
+    """The fast step keeps the mathematics: the method's loss on one fixed batch, attack noise
+    seeded, in bf16 autocast with the speed switches as configured (eager or compiled), against
+    :func:`reference_losses`."""
     from mmtard.speed import attention_kernel
 
-    method = trainer.method
     images, labels, indices = batches[0]
-    cache, cfg, amp_saved = method.clean_cache, method.attack_cfg, method.autocast_dtype
     amp = trainer.amp or torch.bfloat16
-    method.clean_cache = None
+    with torch.no_grad():
+        for p, saved in zip(trainer.trainable, store["weights"]):
+            p.copy_(saved)
     fields = {}
-    try:
-        for steps in (0, cfg.steps):
-            method.attack_cfg = dataclasses.replace(cfg, steps=steps)
-            if label == "eager":
-                method.autocast_dtype = None
-                torch.manual_seed(5)
-                store[steps] = float(method(images, labels, indices)["loss"].detach())
+    for steps in (0, args.pgd_steps):
+        with _fixed_batch_loss(trainer, steps) as method:
             method.autocast_dtype = amp
             torch.manual_seed(5)
             with torch.autocast(images.device.type, dtype=amp), attention_kernel(args.attention):
                 fast = float(method(images, labels, indices)["loss"].detach())
-            ref = store[steps]
-            fields[f"loss_fp32_pgd{steps}"] = ref
-            fields[f"loss_{label}_bf16_pgd{steps}"] = fast
-            fields[f"rel_diff_pgd{steps}"] = abs(fast - ref) / max(abs(ref), 1e-12)
-    finally:
-        method.clean_cache, method.attack_cfg, method.autocast_dtype = cache, cfg, amp_saved
+        ref = store[steps]
+        fields[f"loss_fp32_pgd{steps}"] = ref
+        fields[f"loss_{label}_bf16_pgd{steps}"] = fast
+        fields[f"rel_diff_pgd{steps}"] = abs(fast - ref) / max(abs(ref), 1e-12)
     emit(f"check_{label}", loss_fp32=fields["loss_fp32_pgd0"], **fields)
 
 
@@ -526,13 +549,14 @@ def main(argv=None) -> int:
                  batch=args.ref_batch, precision="fp32", teacher_passes=3,
                  gflop_per_image=ref_flops / args.ref_batch / 1e9)
         fp32_losses: dict = {}
-        if args.check:  # before the patch-embedding swap: fp32 losses of plain open_clip towers
-            stage("check", check_losses, args, trainer, batches, "eager", fp32_losses)
+        if args.check:  # before any speed switch: the plain fp32 step, as (a) runs open_clip
+            stage("check", reference_losses, args, trainer, batches, fp32_losses)
+        if args.eval:  # evaluation builds its models with open_clip's convolution
+            stage("autoattack", time_autoattack, args, trainer.student, device, timer)
         if args.patch_embed == "matmul" or (args.patch_embed == "auto" and device.type == "cuda"):
             from mmtard.speed import matmul_patch_embedding
 
-            # what train.patch_embed (auto, on a GPU) does in factory.build_method; the reference
-            # above ran open_clip's convolution, as the release does
+            # what train.patch_embed (auto, on a GPU) does in factory.build_method
             emit("patch_embed", mode="matmul", towers=matmul_patch_embedding(trainer.method))
         flops = stage("flops", measure_flops, args, trainer, batches, timer) or {}
         summary = {}
@@ -540,13 +564,14 @@ def main(argv=None) -> int:
             summary["eager"] = stage("eager", time_trainer_variants, args, trainer, timer, batches, "eager",
                                      reference_ips, flops)
             stage("breakdown", time_breakdown, args, trainer, batches, timer)
-        if args.eval:
-            stage("autoattack", time_autoattack, args, trainer.student, device, timer)
+        if args.check and fp32_losses:
+            stage("check", check_losses, args, trainer, batches, "eager", fp32_losses)
         if args.compile in ("on", "both"):
-            from mmtard.speed import compile_method
+            from mmtard.speed import compile_method, tag_compile_caches
 
             t0 = time.perf_counter()
             # what train.compile=true (with train.compile_mode) does in factory.build_method
+            tag_compile_caches(args.attention)
             compile_method(trainer.method, mode=args.compile_mode)
             emit("compile_wrap", seconds=time.perf_counter() - t0)
             summary["compiled"] = stage("compiled", time_trainer_variants, args, trainer, timer, batches, "compiled",

@@ -18,7 +18,7 @@ def test_tiny_benchmark_prints_every_field(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", MMTARD_CACHE_DIR=str(tmp_path / "cache"))
     args = [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--steps", "1", "--warmup", "1",
             "--ref-steps", "1", "--pgd-steps", "2", "--eval", "--eval-n", "4", "--eval-iterations", "2",
-            "--check", "--profile", "--attention", "math"]
+            "--check", "--profile", "--attention", "math", "--patch-embed", "matmul"]
     proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = {}
@@ -37,7 +37,8 @@ def test_tiny_benchmark_prints_every_field(tmp_path):
     assert float(results["flops_nocache"]["gflop_per_step"]) > float(results["flops_cache"]["gflop_per_step"]) > 0
     assert float(results["autoattack"]["images_per_s"]) > 0
     assert {"clean_teacher_s", "attack_s", "robust_teacher_s", "student_update_s"} <= set(results["breakdown_eager"])
-    assert "loss_fp32" in results["check_eager"]
+    assert results["patch_embed"] == {"mode": "matmul", "towers": "3"}
+    assert float(results["check_eager"]["rel_diff_pgd2"]) < 0.05  # the fast step keeps the loss
     assert "profile" in results and "Self CPU" in proc.stdout
     assert re.search(r"\(b\) eager +cache", proc.stdout)
 

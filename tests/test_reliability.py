@@ -128,3 +128,35 @@ def test_disk_full_during_export_is_a_clean_error(tmp_path, monkeypatch):
     with pytest.raises(ModelError, match="cannot write .*student.safetensors.*No space left"):
         export_open_clip(create_clip(ModelSpec("mmtard-tiny-vit")), tmp_path / "student.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_saved_before_a_config_key_existed_still_resumes(tmp_path):
+    """A config written by an earlier version lacks keys added since; they compare as their
+    defaults, and the speed switches may change on resume. A real change is still refused, and a
+    key this version does not know is named."""
+    import yaml
+
+    from mmtard.config import Config, to_dict
+    from mmtard.runs import prepare_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    ckpt.save_checkpoint(run, 5, {"x": 1})
+
+    def saved_as(edit):
+        old = to_dict(Config())
+        edit(old)
+        (run / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+
+    saved_as(lambda d: [d["train"].pop("patch_embed"), d["train"].pop("attention")])
+    assert prepare_run_dir(run, Config(), force=False).name == "step_00000005.pt"
+    faster = Config()
+    faster.train.compile, faster.train.attention = True, "math"
+    assert prepare_run_dir(run, faster, force=False) is not None
+    other = Config()
+    other.train.lr = 1e-3
+    with pytest.raises(MmtardError, match="different config"):
+        prepare_run_dir(run, other, force=False)
+    saved_as(lambda d: d["train"].update(retired_key=1))
+    with pytest.raises(MmtardError, match="retired_key"):
+        prepare_run_dir(run, Config(), force=False)

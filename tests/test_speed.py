@@ -1,6 +1,7 @@
 """Speed changes keep the mathematics: bf16 autocast and torch.compile give the fp32 step's loss
 within bf16 tolerance, frozen-weight attacks give the same input gradient, the patch embedding as
-a matrix product is the convolution, and train.compile / train.patch_embed are wired in."""
+a matrix product is the convolution, every attention kernel gives the same loss, and
+train.compile / train.patch_embed / train.attention are wired in."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import torch
 from mmtard.attacks import PGDConfig, pgd, pgd_iteration
 from mmtard.config import load_config
 from mmtard.errors import ConfigError
-from mmtard.speed import (PatchEmbedding, attention_kernel, compile_attack_iteration, compile_method, image_towers,
-                          input_grad_only, matmul_patch_embedding)
+from mmtard.speed import (PatchEmbedding, attention_kernel, check_attention_kernel, compile_attack_iteration,
+                          compile_method, image_towers, input_grad_only, matmul_patch_embedding)
 from mmtard.trainer import Trainer
 
 TEACHERS = "teachers=[{name: mmtard-small-vit, role: clean}, {name: mmtard-small-vit, role: robust}]"
@@ -210,11 +211,20 @@ def test_train_patch_embed_switch(world_dir, tmp_path):
         return [type(t.conv1) for t in image_towers(trainer.method)]
 
     assert towers("matmul") == [PatchEmbedding] * 3
+    # under LoRA the tower is peft's wrapper: the ViT inside it must get the product, and the
+    # product must run (a conv1 set on the wrapper would be a dead extra module and state key)
+    plain = Trainer(load_config(None, _overrides(world_dir, **{"train.patch_embed": "conv", "train.lora": "true"})),
+                    tmp_path / "lora-conv", show_progress=False)
     lora = Trainer(load_config(None, _overrides(world_dir, **{"train.patch_embed": "matmul", "train.lora": "true"})),
                    tmp_path / "lora", show_progress=False)
-    conv1 = lora.student.clip.visual.conv1
-    assert isinstance(conv1, PatchEmbedding) and not conv1.weight.requires_grad  # LoRA: the base stays frozen
-    assert torch.isfinite(lora._train_step(iter([_batch(lora)]), {})["loss"])
+    visual = lora.student.clip.visual
+    assert sorted(lora.student.clip.state_dict()) == sorted(plain.student.clip.state_dict())
+    products = [m for m in visual.modules() if isinstance(m, PatchEmbedding)]
+    assert len(products) == 1 and not any(isinstance(m, torch.nn.Conv2d) for m in visual.modules())
+    assert not products[0].weight.requires_grad  # LoRA: the base stays frozen
+    calls = []
+    products[0].register_forward_hook(lambda *_: calls.append(1))
+    assert torch.isfinite(lora._train_step(iter([_batch(lora)]), {})["loss"]) and calls
     assert towers("auto") == [torch.nn.Conv2d] * 3  # auto: the product on a GPU only
     with pytest.raises(ConfigError, match="train.patch_embed: 'fast' is not one of auto, conv, matmul"):
         load_config(None, _overrides(world_dir, **{"train.patch_embed": "fast"}))
@@ -229,6 +239,9 @@ def test_attention_kernels_give_the_same_loss(world_dir, tmp_path):
     for name in ("auto", "math", "flash"):  # the kernels a CPU has
         torch.manual_seed(7)
         with attention_kernel(name):
+            if name != "auto":  # the block allows that kernel alone
+                assert torch.backends.cuda.math_sdp_enabled() == (name == "math")
+                assert torch.backends.cuda.flash_sdp_enabled() == (name == "flash")
             losses[name] = trainer.method(*batch)["loss"].detach()
     torch.testing.assert_close(losses["math"], losses["auto"], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(losses["flash"], losses["auto"], rtol=1e-5, atol=1e-7)
@@ -258,3 +271,19 @@ def test_train_attention_switch(world_dir, tmp_path):
     with pytest.raises(ConfigError, match="train.attention: 'cudnn' needs a CUDA device"):
         Trainer(load_config(None, _overrides(world_dir, **{"train.attention": "cudnn"})), tmp_path / "cudnn",
                 show_progress=False)
+    with pytest.raises(ConfigError, match="'flash' has no fp32 kernel on CUDA"):
+        check_attention_kernel("flash", torch.device("cuda"), None)
+    check_attention_kernel("flash", torch.device("cuda"), torch.bfloat16)
+    check_attention_kernel("efficient", torch.device("cuda"), None)
+
+
+def test_compiled_runs_key_their_caches_by_attention_kernel(world_dir, tmp_path, monkeypatch):
+    """torch.compile does not guard on the attention kernel and its caches do not key on it: a
+    graph traced under another kernel would be reused as is. train.compile tags the cache keys."""
+    import torch.compiler.config as compiler_config
+
+    monkeypatch.setattr(compiler_config, "cache_key_tag", "user-tag")
+    for value in ("math", "auto"):
+        Trainer(load_config(None, _overrides(world_dir, **{"train.compile": "true", "train.attention": value})),
+                tmp_path / value, show_progress=False)
+        assert compiler_config.cache_key_tag == f"user-tag,mmtard-attention={value}"

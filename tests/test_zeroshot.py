@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mmtard import zeroshot
+from mmtard.data import zeroshot_templates
 from mmtard.errors import DataError
 from mmtard.models import ModelSpec, create_clip
 from mmtard.zeroshot import (
@@ -19,7 +20,6 @@ from mmtard.zeroshot import (
     suite_classnames,
     text_weights,
 )
-from mmtard.data import zeroshot_templates
 
 TINY = "mmtard-tiny-vit"
 CLASSES = ["red circle", "blue square", "green triangle"]

@@ -130,8 +130,9 @@ def build_method(config: Config, student: CLIPClassifier, teachers: list[Teacher
 
         matmul_patch_embedding(method)  # before compiling, so the compiled towers trace the product
     if config.train.compile:  # in place: parameter names, checkpoints and exports are unchanged
-        from mmtard.speed import compile_method
+        from mmtard.speed import compile_method, tag_compile_caches
 
+        tag_compile_caches(config.train.attention)
         compile_method(method, mode=config.train.compile_mode)
     if config.train.compile_attack and method.adversarial:
         from mmtard.speed import compile_attack_iteration

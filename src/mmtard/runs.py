@@ -16,14 +16,18 @@ from pathlib import Path
 import yaml
 
 from mmtard.checkpoint import latest_checkpoint
-from mmtard.config import Config, to_dict
-from mmtard.errors import MmtardError
+from mmtard.config import Config, from_dict, to_dict
+from mmtard.errors import ConfigError, MmtardError
 
 log = logging.getLogger(__name__)
 
 FINISHED_MARKER = "student.safetensors"
+#: may change between a run and its resumption: length, logging, loading and the speed switches
+#: (same mathematics; a run saved before a switch existed lacks its key)
 _IGNORED_ON_COMPARE = {("train", "steps"), ("train", "log_every"), ("train", "ckpt_every"),
-                       ("train", "keep_checkpoints"), ("data", "num_workers")}
+                       ("train", "keep_checkpoints"), ("data", "num_workers"),
+                       ("train", "compile"), ("train", "compile_mode"), ("train", "compile_attack"),
+                       ("train", "patch_embed"), ("train", "attention")}
 
 
 def _comparable(config: dict) -> dict:
@@ -36,8 +40,8 @@ def prepare_run_dir(run_dir: Path, config: Config, force: bool, is_main: bool = 
     """Create DIR or decide how to continue in it; returns the checkpoint to resume from, if any.
 
     A finished run is not overwritten without ``force``; a run with checkpoints resumes only with
-    the same config (except its length and logging cadence); a folder holding something that is
-    not an mmtard run is refused.
+    the same config (except its length, logging cadence and speed switches); a folder holding
+    something that is not an mmtard run is refused.
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise MmtardError(f"output path {run_dir} exists and is not a folder")
@@ -55,6 +59,11 @@ def prepare_run_dir(run_dir: Path, config: Config, force: bool, is_main: bool = 
         except yaml.YAMLError as exc:
             raise MmtardError(f"{saved} is not valid YAML, so {run_dir} cannot be resumed safely; "
                               "repair it or use another --out") from exc
+        try:  # defaults filled in: a run saved before a key existed compares as that key's default
+            previous = to_dict(from_dict(type(config), previous))
+        except ConfigError as exc:
+            raise MmtardError(f"{saved} cannot be read by this version ({exc}), so {run_dir} cannot be resumed "
+                              "safely; use another --out or --force") from exc
         if _comparable(previous) != _comparable(to_dict(config)):
             raise MmtardError(
                 f"{run_dir} holds a run with a different config ({saved}); use another --out or --force")

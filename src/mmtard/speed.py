@@ -29,12 +29,12 @@ ask autograd for input gradients only. None of them changes the mathematics.
   product over flattened patches, sharing the convolution's weight. Under 1 % of the FLOPs, yet
   cuDNN ran it (with the NCHW-to-NHWC copies around it and, above all, the input gradient every
   PGD iteration needs) in 31 ms of a 186 ms compiled step on an H200 (``--profile`` of
-  ``benchmarks/step_throughput.py``). Switched by ``train.patch_embed`` (``auto``: on a GPU).
+  ``benchmarks/step_throughput.py``); with the product that step ran 20 % faster. Switched by ``train.patch_embed`` (``auto``: on a GPU).
 
 * :func:`attention_kernel` picks torch's scaled-dot-product-attention kernel for the step
   (``train.attention``). torch chooses by a fixed priority (cuDNN's kernel on Hopper); for the
-  student's 50 tokens (ViT-B-32 at 224 px) that kernel ran at about 15 TFLOP/s on an H200,
-  roughly 15 ms of a 154 ms step for about 1 % of its FLOPs. Which kernel is fastest at these
+  student's 50 tokens (ViT-B-32 at 224 px) that kernel ran at about 18 TFLOP/s forward and 39
+  backward on an H200, roughly 15 ms of a 154 ms step for about 1 % of its FLOPs. Which kernel is fastest at these
   short sequences is measured by ``benchmarks/attention_kernels.py``, not assumed here: the
   default stays torch's own choice.
 
@@ -122,26 +122,49 @@ def is_patch_convolution(module: nn.Module) -> bool:
 
 def matmul_patch_embedding(method: nn.Module) -> int:
     """Replace, in place, the patch-embedding convolution (``conv1``) of every image tower of
-    ``method`` by a :class:`PatchEmbedding` over the same parameters; returns how many."""
+    ``method`` by a :class:`PatchEmbedding` over the same parameters; returns how many.
+
+    The convolution is replaced in the module that owns it: under LoRA the tower is peft's wrapper,
+    which forwards ``conv1`` reads to the wrapped ViT but would keep a ``conv1`` written to it as a
+    module of its own that nothing calls."""
     swapped = 0
     for tower in image_towers(method):
-        conv = getattr(tower, "conv1", None)
-        if conv is not None and is_patch_convolution(conv):
-            tower.conv1 = PatchEmbedding(conv)
-            swapped += 1
+        for owner in tower.modules():
+            conv = owner._modules.get("conv1")
+            if conv is not None and is_patch_convolution(conv):
+                owner.conv1 = PatchEmbedding(conv)
+                swapped += 1
     log.info("patch embedding as a matrix product in %d image towers", swapped)
     return swapped
 
 
 _CPU_ATTENTION_KERNELS = ("auto", "flash", "math")  # what torch has on a CPU
+_HALF_ONLY_ATTENTION_KERNELS = ("flash", "cudnn")  # on CUDA: fp16/bf16 only
 
 
-def check_attention_kernel(name: str, device: torch.device) -> None:
-    """Refuse, before any model is built, a kernel the device does not have (torch would only
-    say "No viable backend" at the first forward)."""
+def check_attention_kernel(name: str, device: torch.device, amp: torch.dtype | None) -> None:
+    """Refuse, before any model is built, a kernel the device or precision does not have (torch
+    would only say "No available kernel" at the first forward)."""
     if device.type != "cuda" and name not in _CPU_ATTENTION_KERNELS:
         raise ConfigError(f"train.attention: '{name}' needs a CUDA device; on {device.type} use one of "
                           f"{', '.join(_CPU_ATTENTION_KERNELS)}")
+    if device.type == "cuda" and amp is None and name in _HALF_ONLY_ATTENTION_KERNELS:
+        raise ConfigError(f"train.attention: '{name}' has no fp32 kernel on CUDA; use train.precision bf16 "
+                          f"(or auto), or attention efficient/math/auto")
+
+
+def tag_compile_caches(attention: str) -> None:
+    """Key torch.compile's on-disk caches by the attention kernel.
+
+    The kernel is a process-wide flag read when a graph is traced; neither dynamo's guards nor the
+    AOTAutograd cache key include it, so a graph compiled earlier under another kernel (this
+    process, or another one sharing the cache folder) would be reused with that kernel. A tag in
+    ``torch.compiler.config.cache_key_tag`` keeps them apart."""
+    import torch.compiler.config as compiler_config
+
+    tag = f"mmtard-attention={attention}"
+    tags = [t for t in compiler_config.cache_key_tag.split(",") if t and not t.startswith("mmtard-attention=")]
+    compiler_config.cache_key_tag = ",".join(tags + [tag])
 
 
 def attention_kernel(name: str) -> contextlib.AbstractContextManager:

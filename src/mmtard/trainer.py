@@ -101,7 +101,7 @@ class Trainer:
         self.config = config
         self.run_dir = Path(run_dir)
         self.device = resolve_device(config.train.device)
-        check_attention_kernel(config.train.attention, self.device)
+        check_attention_kernel(config.train.attention, self.device, autocast_dtype(config.train.precision, self.device))
         # checked before joining the process group: a refused batch never waits for a rendezvous
         self.plan = BatchPlan.from_config(config.train.global_batch, config.train.micro_batch, env_world_size())
         self.env = init_distributed(self.device.type)
