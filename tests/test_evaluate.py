@@ -123,6 +123,28 @@ def test_robust_flags_are_worst_case_and_only_on_correct_points():
         assert not (flags & ~correct).any(), "a misclassified point can never be robust"
 
 
+def test_evaluation_attacks_run_in_strict_fp32():
+    """No TF32 in cuDNN convolutions or matrix products while an evaluation attack runs (torch
+    allows it in convolutions by default); the user's settings come back afterwards."""
+    seen = []
+
+    class Recording(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5))
+
+        def forward(self, x):
+            seen.append((torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision))
+            return self.net(x)
+
+    before = (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
+    x, y = torch.rand(4, 3, 8, 8), torch.randint(0, 5, (4,))
+    for spec in (AttackSpec(iterations=2), AttackSpec(name="pgd", iterations=2)):
+        robust_flags(Recording(), x, y, 2 / 255, spec, seed=0)
+    assert seen and set(seen) == {("ieee", "ieee")}
+    assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == before
+
+
 def test_l2_attack_stays_in_its_ball():
     net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
     x = torch.rand(8, 3, 8, 8)

@@ -198,6 +198,26 @@ def _pgd_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, s
     return x_adv
 
 
+@contextlib.contextmanager
+def strict_fp32() -> Iterator[None]:
+    """fp32 as written for the block: no TF32 in cuDNN's convolutions (torch's default lets them
+    use it on GPUs that have it, unlike its matrix products) nor in matrix products. Evaluation is
+    fp32 on purpose; a 10-bit mantissa in the patch embedding would quietly weaken that. Set and
+    restored through torch's per-backend ``fp32_precision`` flags (mixing them with the legacy
+    ``allow_tf32`` ones is an error in torch); no-op where those flags do not exist."""
+    flags = [(torch.backends.cudnn, "conv"), (torch.backends.cuda, "matmul")]
+    holders = [getattr(module, name) for module, name in flags
+               if hasattr(getattr(module, name, None), "fp32_precision")]
+    saved = [holder.fp32_precision for holder in holders]
+    try:
+        for holder in holders:
+            holder.fp32_precision = "ieee"
+        yield
+    finally:
+        for holder, value in zip(holders, saved):
+            holder.fp32_precision = value
+
+
 def robust_flags(
     model: nn.Module,
     x: torch.Tensor,
@@ -215,7 +235,15 @@ def robust_flags(
         eps: radius in pixel units (already parsed).
         spec: which attack.
         seed: seeds the attack's random starts (AutoAttack resets torch's RNG to it).
+
+    Runs under :func:`strict_fp32`.
     """
+    with strict_fp32():
+        return _robust_flags(model, x, y, eps, spec, seed)
+
+
+def _robust_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, spec: AttackSpec,
+                  seed: int) -> AttackOutcome:
     x = x.detach().float()
     y = y.detach().long().to(x.device)
     if eps == 0 or x.shape[0] == 0:
