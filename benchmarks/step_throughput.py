@@ -404,17 +404,23 @@ def time_breakdown(args, trainer, batches, timer, label: str = "eager") -> None:
 
 @contextlib.contextmanager
 def _fixed_batch_loss(trainer, steps: int):
-    """The method with PGD ``steps``, no clean-teacher cache, settings restored afterwards."""
+    """The method with PGD ``steps``, no clean-teacher cache and a seeded attack start; settings
+    restored afterwards."""
     import dataclasses
 
     method = trainer.method
-    cache, cfg, amp_saved = method.clean_cache, method.attack_cfg, method.autocast_dtype
+    cache, cfg, amp_saved, generator = method.clean_cache, method.attack_cfg, method.autocast_dtype, method.generator
     method.clean_cache = None
     method.attack_cfg = dataclasses.replace(cfg, steps=steps)
+    # the attack's random start from the same seed every time (the trainer leaves its own
+    # per-micro-batch generator on the method, which would otherwise be used)
+    method.generator = torch.Generator(device=trainer.device).manual_seed(5)
+    torch.manual_seed(5)  # anything else random in the forward
     try:
         yield method
     finally:
         method.clean_cache, method.attack_cfg, method.autocast_dtype = cache, cfg, amp_saved
+        method.generator = generator
 
 
 def reference_losses(args, trainer, batches, store: dict) -> None:
@@ -422,12 +428,13 @@ def reference_losses(args, trainer, batches, store: dict) -> None:
     torch's attention kernel (run before any speed switch), with the attack off (PGD steps 0: the
     forward and loss alone) and on; and the trainable weights, so that every later check runs on
     these same weights although the timed steps in between train them."""
+    from mmtard.autoattack import strict_fp32
+
     images, labels, indices = batches[0]
     store["weights"] = [p.detach().clone() for p in trainer.trainable]
     for steps in (0, args.pgd_steps):
-        with _fixed_batch_loss(trainer, steps) as method:
+        with _fixed_batch_loss(trainer, steps) as method, strict_fp32():  # no TF32 on a GPU either
             method.autocast_dtype = None
-            torch.manual_seed(5)
             store[steps] = float(method(images, labels, indices)["loss"].detach())
 
 
@@ -446,7 +453,6 @@ def check_losses(args, trainer, batches, label: str, store: dict) -> None:
     for steps in (0, args.pgd_steps):
         with _fixed_batch_loss(trainer, steps) as method:
             method.autocast_dtype = amp
-            torch.manual_seed(5)
             with torch.autocast(images.device.type, dtype=amp), attention_kernel(args.attention):
                 fast = float(method(images, labels, indices)["loss"].detach())
         ref = store[steps]
@@ -489,10 +495,18 @@ def stage(name, fn, *a, **kw):
 
 # ---------------------------------------------------------------------------------------------- eval
 def time_autoattack(args, classifier, device, timer) -> None:
+    was_training = classifier.training
+    classifier.eval()
+    try:
+        _time_autoattack(args, classifier, device, timer)
+    finally:  # the student trains in the stages after this one
+        classifier.train(was_training)
+
+
+def _time_autoattack(args, classifier, device, timer) -> None:
     from mmtard.attacks import parse_eps
     from mmtard.autoattack import AttackSpec, robust_flags
 
-    classifier.eval()
     g = torch.Generator(device="cpu").manual_seed(2)
     x = torch.rand(args.eval_n, 3, args.image_size, args.image_size, generator=g).to(device)
     with torch.no_grad():

@@ -148,7 +148,7 @@ def test_a_run_saved_before_a_config_key_existed_still_resumes(tmp_path):
         edit(old)
         (run / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
 
-    saved_as(lambda d: [d["train"].pop("patch_embed"), d["train"].pop("attention")])
+    saved_as(lambda d: [d["data"].pop("classnames"), d["train"].pop("patch_embed"), d["train"].pop("attention")])
     assert prepare_run_dir(run, Config(), force=False).name == "step_00000005.pt"
     faster = Config()
     faster.train.compile, faster.train.attention = True, "math"
@@ -159,4 +159,7 @@ def test_a_run_saved_before_a_config_key_existed_still_resumes(tmp_path):
         prepare_run_dir(run, other, force=False)
     saved_as(lambda d: d["train"].update(retired_key=1))
     with pytest.raises(MmtardError, match="retired_key"):
+        prepare_run_dir(run, Config(), force=False)
+    (run / "config.yaml").write_text("")
+    with pytest.raises(MmtardError, match="empty or not a mapping"):
         prepare_run_dir(run, Config(), force=False)

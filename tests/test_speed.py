@@ -204,6 +204,18 @@ def test_matmul_patch_embedding_gives_the_convolution_step_loss(world_dir, tmp_p
     assert sorted(trainer.student.state_dict()) == names  # checkpoints and exports unchanged
 
 
+def test_matmul_patch_embedding_leaves_resnet_convolutions():
+    """A ResNet tower's blocks have 1x1 stride-1 ``conv1`` layers: not patch embeddings."""
+    from types import SimpleNamespace
+
+    import open_clip
+
+    resnet = open_clip.create_model("RN50")  # random weights
+    method = SimpleNamespace(student=SimpleNamespace(clip=resnet), teachers=[], reference=None)
+    assert matmul_patch_embedding(method) == 0
+    assert not any(isinstance(m, PatchEmbedding) for m in resnet.modules())
+
+
 def test_train_patch_embed_switch(world_dir, tmp_path):
     def towers(value):
         trainer = Trainer(load_config(None, _overrides(world_dir, **{"train.patch_embed": value})),

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mmtard.attacks import format_eps, parse_eps
-from mmtard.autoattack import AttackSpec, robust_flags
+from mmtard.autoattack import AttackSpec, robust_flags, strict_fp32
 from mmtard.distributed import all_gather_object, current_env, run_on_main
 from mmtard.errors import ConfigError, DataError, MmtardError
 from mmtard.eval_sets import NATIVE_SIZE_SETS, DatasetEntry
@@ -237,8 +237,8 @@ def _evaluate_chunk(
     stored = record["clean"][sl]
     if all(v is not None for v in stored):  # keep the verdicts the stored attacks were run on
         correct = torch.tensor(stored, dtype=torch.bool, device=y.device)
-    else:
-        with torch.no_grad():
+    else:  # in the precision the attacks run in (robust_flags), so they start from these verdicts
+        with torch.no_grad(), strict_fp32():
             correct = classifier(x).argmax(1).eq(y)
     record["labels"][sl] = y.tolist()
     record["clean"][sl] = correct.tolist()

@@ -129,10 +129,13 @@ def build_method(config: Config, student: CLIPClassifier, teachers: list[Teacher
         from mmtard.speed import matmul_patch_embedding
 
         matmul_patch_embedding(method)  # before compiling, so the compiled towers trace the product
-    if config.train.compile:  # in place: parameter names, checkpoints and exports are unchanged
-        from mmtard.speed import compile_method, tag_compile_caches
+    if config.train.compile or config.train.compile_attack:
+        from mmtard.speed import tag_compile_caches
 
-        tag_compile_caches(config.train.attention)
+        tag_compile_caches(config.train.attention)  # both trace the attention kernel into graphs
+    if config.train.compile:  # in place: parameter names, checkpoints and exports are unchanged
+        from mmtard.speed import compile_method
+
         compile_method(method, mode=config.train.compile_mode)
     if config.train.compile_attack and method.adversarial:
         from mmtard.speed import compile_attack_iteration

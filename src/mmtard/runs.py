@@ -55,11 +55,16 @@ def prepare_run_dir(run_dir: Path, config: Config, force: bool, is_main: bool = 
     saved = run_dir / "config.yaml"
     if last is not None and saved.exists():
         try:
-            previous = yaml.safe_load(saved.read_text()) or {}
+            previous = yaml.safe_load(saved.read_text())
         except yaml.YAMLError as exc:
             raise MmtardError(f"{saved} is not valid YAML, so {run_dir} cannot be resumed safely; "
                               "repair it or use another --out") from exc
-        try:  # defaults filled in: a run saved before a key existed compares as that key's default
+        if not isinstance(previous, dict) or not previous:
+            raise MmtardError(f"{saved} is empty or not a mapping, so {run_dir} cannot be resumed safely; "
+                              "repair it or use another --out")
+        # Defaults filled in: a run saved before a key existed compares as that key's default. This
+        # holds as long as every new key's default keeps the earlier behaviour (true of all so far).
+        try:
             previous = to_dict(from_dict(type(config), previous))
         except ConfigError as exc:
             raise MmtardError(f"{saved} cannot be read by this version ({exc}), so {run_dir} cannot be resumed "

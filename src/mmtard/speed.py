@@ -114,8 +114,9 @@ class PatchEmbedding(nn.Module):
 
 
 def is_patch_convolution(module: nn.Module) -> bool:
-    """A plain 2-D convolution with square kernel equal to its stride: a patch embedding."""
-    return (type(module) is nn.Conv2d and module.kernel_size[0] == module.kernel_size[1]
+    """A plain 2-D convolution with a square kernel (larger than 1) equal to its stride: the shape of
+    a patch embedding."""
+    return (type(module) is nn.Conv2d and module.kernel_size[0] == module.kernel_size[1] > 1
             and tuple(module.stride) == tuple(module.kernel_size) and tuple(module.padding) == (0, 0)
             and tuple(module.dilation) == (1, 1) and module.groups == 1 and module.padding_mode == "zeros")
 
@@ -124,14 +125,15 @@ def matmul_patch_embedding(method: nn.Module) -> int:
     """Replace, in place, the patch-embedding convolution (``conv1``) of every image tower of
     ``method`` by a :class:`PatchEmbedding` over the same parameters; returns how many.
 
-    The convolution is replaced in the module that owns it: under LoRA the tower is peft's wrapper,
-    which forwards ``conv1`` reads to the wrapped ViT but would keep a ``conv1`` written to it as a
-    module of its own that nothing calls."""
+    Only a ViT's own ``conv1`` (the module holding it also holds the positional embedding; a
+    ResNet's blocks have ``conv1`` layers too). It is replaced in that module: under LoRA the tower
+    is peft's wrapper, which forwards ``conv1`` reads to the wrapped ViT but would keep a ``conv1``
+    written to it as a module of its own that nothing calls."""
     swapped = 0
     for tower in image_towers(method):
         for owner in tower.modules():
             conv = owner._modules.get("conv1")
-            if conv is not None and is_patch_convolution(conv):
+            if conv is not None and hasattr(owner, "positional_embedding") and is_patch_convolution(conv):
                 owner.conv1 = PatchEmbedding(conv)
                 swapped += 1
     log.info("patch embedding as a matrix product in %d image towers", swapped)
