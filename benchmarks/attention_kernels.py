@@ -30,9 +30,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from mmtard.config import ATTENTION_KERNELS
 from mmtard.speed import attention_kernel
-
-KERNELS = ("auto", "flash", "efficient", "cudnn", "math")
 
 
 def shapes(batch: int) -> list[tuple[str, int, int, int, int, bool]]:
@@ -86,7 +85,7 @@ def main(argv=None) -> int:
         q, k, v = (torch.randn(b, heads, tokens, dim, generator=g).to(device, dtype).requires_grad_(backward)
                    for _ in range(3))
         flops = 4 * b * heads * tokens * tokens * dim * (3.5 if backward else 1.0)
-        for kernel in KERNELS:
+        for kernel in ATTENTION_KERNELS:
             try:
                 seconds = time_call(attention_call(kernel, q, k, v, backward), device, warmup=3, iters=iters)
             except RuntimeError as exc:  # this kernel does not serve this device, dtype or shape

@@ -47,6 +47,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
+from mmtard.config import ATTENTION_KERNELS, PATCH_EMBEDS  # noqa: E402  (after the path set-up)
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -72,9 +74,9 @@ def parse_args(argv=None):
                    help="time the last configuration's cached step this many more times (spread)")
     p.add_argument("--profile", action="store_true",
                    help="print torch.profiler's top operators for one steady step of the last (b) variant")
-    p.add_argument("--patch-embed", default="auto", choices=["auto", "conv", "matmul"],
+    p.add_argument("--patch-embed", default="auto", choices=PATCH_EMBEDS,
                    help="train.patch_embed of (b): auto = matmul on a GPU (the reference keeps the convolution)")
-    p.add_argument("--attention", default="auto", choices=["auto", "flash", "efficient", "cudnn", "math"],
+    p.add_argument("--attention", default="auto", choices=ATTENTION_KERNELS,
                    help="train.attention of (b): torch's attention kernel (see attention_kernels.py)")
     p.add_argument("--no-reference", action="store_true", help="skip (a)")
     p.add_argument("--no-eager", action="store_true", help="skip the eager variants of (b)")
@@ -567,9 +569,9 @@ def main(argv=None) -> int:
             stage("check", reference_losses, args, trainer, batches, fp32_losses)
         if args.eval:  # evaluation builds its models with open_clip's convolution
             stage("autoattack", time_autoattack, args, trainer.student, device, timer)
-        if args.patch_embed == "matmul" or (args.patch_embed == "auto" and device.type == "cuda"):
-            from mmtard.speed import matmul_patch_embedding
+        from mmtard.speed import matmul_patch_embedding, wants_matmul_patch_embedding
 
+        if wants_matmul_patch_embedding(args.patch_embed, device):
             # what train.patch_embed (auto, on a GPU) does in factory.build_method
             emit("patch_embed", mode="matmul", towers=matmul_patch_embedding(trainer.method))
         flops = stage("flops", measure_flops, args, trainer, batches, timer) or {}

@@ -30,6 +30,20 @@ def _batch(trainer, n=6):
     return next(iter(torch.utils.data.DataLoader(trainer.dataset, batch_size=n)))
 
 
+def _fp32_trainer(world_dir, path, **extra):
+    """A trainer in fp32 with a 2-step attack, in train mode, and one batch of its data."""
+    config = load_config(None, _overrides(world_dir, **{"attack.steps": 2, "train.precision": "fp32", **extra}))
+    trainer = Trainer(config, path, show_progress=False)
+    trainer.method.train()
+    return trainer, _batch(trainer)
+
+
+def _method_loss(trainer, batch):
+    """The method's loss on ``batch`` with the attack noise seeded (no optimiser step)."""
+    torch.manual_seed(7)
+    return trainer.method(*batch)["loss"].detach()
+
+
 def _step_loss(trainer, batch):
     """The loss of one real ``Trainer._train_step`` on ``batch`` (attack noise seeded)."""
     torch.manual_seed(123)
@@ -51,16 +65,11 @@ def test_bf16_step_gives_the_fp32_loss(world_dir, tmp_path):
 def test_compiled_step_gives_the_eager_loss(world_dir, tmp_path):
     """Same weights, same batch, same attack noise: eager fp32 vs compiled (dynamo + AOTAutograd;
     the inductor code generation itself is exercised by the GPU benchmark) with 2 PGD steps."""
-    config = load_config(None, _overrides(world_dir, **{"attack.steps": 2, "train.precision": "fp32"}))
-    trainer = Trainer(config, tmp_path / "run", show_progress=False)
-    trainer.method.train()
-    batch = _batch(trainer)
+    trainer, batch = _fp32_trainer(world_dir, tmp_path / "run")
     names = sorted(trainer.student.state_dict())
-    torch.manual_seed(7)
-    eager = trainer.method(*batch)["loss"].detach()
+    eager = _method_loss(trainer, batch)
     compile_method(trainer.method, backend="aot_eager")
-    torch.manual_seed(7)
-    compiled = trainer.method(*batch)["loss"].detach()
+    compiled = _method_loss(trainer, batch)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
     assert sorted(trainer.student.state_dict()) == names  # in place: checkpoints and exports unchanged
     torch.manual_seed(7)
@@ -140,17 +149,11 @@ def test_compiled_attack_iteration_gives_the_eager_attack_in_one_graph():
 def test_compiled_attack_in_the_trainer_gives_the_eager_loss(world_dir, tmp_path, method):
     """Each method's attack loss with the compiled iteration (dynamo + AOTAutograd, fullgraph): the
     eager loss, and the iteration is traced once over several steps."""
-    config = load_config(None, _overrides(world_dir, **{"attack.steps": 2, "train.precision": "fp32",
-                                                        "method.name": method}))
-    trainer = Trainer(config, tmp_path / "run", show_progress=False)
-    trainer.method.train()
-    batch = _batch(trainer)
-    torch.manual_seed(7)
-    eager = trainer.method(*batch)["loss"].detach()
+    trainer, batch = _fp32_trainer(world_dir, tmp_path / "run", **{"method.name": method})
+    eager = _method_loss(trainer, batch)
     graphs: list = []
     trainer.method.attack_iteration = compile_attack_iteration(backend=_counting_backend(graphs))
-    torch.manual_seed(7)
-    compiled = trainer.method(*batch)["loss"].detach()
+    compiled = _method_loss(trainer, batch)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
     for _ in range(2):
         sums = trainer._train_step(iter([batch]), {})
@@ -189,17 +192,12 @@ def test_patch_embedding_as_matrix_product_is_the_convolution(size):
 
 
 def test_matmul_patch_embedding_gives_the_convolution_step_loss(world_dir, tmp_path):
-    config = load_config(None, _overrides(world_dir, **{"attack.steps": 2, "train.precision": "fp32"}))
-    trainer = Trainer(config, tmp_path / "run", show_progress=False)
-    trainer.method.train()
-    batch = _batch(trainer)
+    trainer, batch = _fp32_trainer(world_dir, tmp_path / "run")
     names = sorted(trainer.student.state_dict())
-    torch.manual_seed(7)
-    conv = trainer.method(*batch)["loss"].detach()
+    conv = _method_loss(trainer, batch)
     assert matmul_patch_embedding(trainer.method) == 3  # student and both teachers
     assert all(isinstance(t.conv1, PatchEmbedding) for t in image_towers(trainer.method))
-    torch.manual_seed(7)
-    product = trainer.method(*batch)["loss"].detach()
+    product = _method_loss(trainer, batch)
     torch.testing.assert_close(product, conv, rtol=1e-5, atol=1e-7)
     assert sorted(trainer.student.state_dict()) == names  # checkpoints and exports unchanged
 
@@ -243,18 +241,14 @@ def test_train_patch_embed_switch(world_dir, tmp_path):
 
 
 def test_attention_kernels_give_the_same_loss(world_dir, tmp_path):
-    config = load_config(None, _overrides(world_dir, **{"attack.steps": 2, "train.precision": "fp32"}))
-    trainer = Trainer(config, tmp_path / "run", show_progress=False)
-    trainer.method.train()
-    batch = _batch(trainer)
+    trainer, batch = _fp32_trainer(world_dir, tmp_path / "run")
     losses = {}
     for name in ("auto", "math", "flash"):  # the kernels a CPU has
-        torch.manual_seed(7)
         with attention_kernel(name):
             if name != "auto":  # the block allows that kernel alone
                 assert torch.backends.cuda.math_sdp_enabled() == (name == "math")
                 assert torch.backends.cuda.flash_sdp_enabled() == (name == "flash")
-            losses[name] = trainer.method(*batch)["loss"].detach()
+            losses[name] = _method_loss(trainer, batch)
     torch.testing.assert_close(losses["math"], losses["auto"], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(losses["flash"], losses["auto"], rtol=1e-5, atol=1e-7)
 

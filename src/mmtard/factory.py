@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mmtard import speed
 from mmtard.config import DATA_SOURCES, Config, DataConfig, ModelConfig
 from mmtard.errors import ConfigError
 from mmtard.lora import add_lora
@@ -124,21 +125,13 @@ def build_method(config: Config, student: CLIPClassifier, teachers: list[Teacher
                  reference: CLIPClassifier | None, amp: torch.dtype | None) -> Method:
     cls = METHODS[config.method.name]
     method = cls(student, teachers, config.attack.pgd(), config.method, reference=reference, autocast_dtype=amp)
-    device = next(student.parameters()).device
-    if config.train.patch_embed == "matmul" or (config.train.patch_embed == "auto" and device.type == "cuda"):
-        from mmtard.speed import matmul_patch_embedding
-
-        matmul_patch_embedding(method)  # before compiling, so the compiled towers trace the product
-    if config.train.compile or config.train.compile_attack:
-        from mmtard.speed import tag_compile_caches
-
-        tag_compile_caches(config.train.attention)  # both trace the attention kernel into graphs
-    if config.train.compile:  # in place: parameter names, checkpoints and exports are unchanged
-        from mmtard.speed import compile_method
-
-        compile_method(method, mode=config.train.compile_mode)
-    if config.train.compile_attack and method.adversarial:
-        from mmtard.speed import compile_attack_iteration
-
-        method.attack_iteration = compile_attack_iteration(mode=config.train.compile_mode)
+    train = config.train
+    if speed.wants_matmul_patch_embedding(train.patch_embed, next(student.parameters()).device):
+        speed.matmul_patch_embedding(method)  # before compiling, so the compiled towers trace the product
+    if train.compile or train.compile_attack:
+        speed.tag_compile_caches(train.attention)  # both trace the attention kernel into graphs
+    if train.compile:  # in place: parameter names, checkpoints and exports are unchanged
+        speed.compile_method(method, mode=train.compile_mode)
+    if train.compile_attack and method.adversarial:
+        method.attack_iteration = speed.compile_attack_iteration(mode=train.compile_mode)
     return method

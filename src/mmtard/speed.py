@@ -121,6 +121,11 @@ def is_patch_convolution(module: nn.Module) -> bool:
             and tuple(module.dilation) == (1, 1) and module.groups == 1 and module.padding_mode == "zeros")
 
 
+def wants_matmul_patch_embedding(setting: str, device: torch.device) -> bool:
+    """``train.patch_embed``: ``matmul`` always, ``auto`` on a GPU only, ``conv`` never."""
+    return setting == "matmul" or (setting == "auto" and device.type == "cuda")
+
+
 def matmul_patch_embedding(method: nn.Module) -> int:
     """Replace, in place, the patch-embedding convolution (``conv1``) of every image tower of
     ``method`` by a :class:`PatchEmbedding` over the same parameters; returns how many.
