@@ -29,14 +29,15 @@ ask autograd for input gradients only. None of them changes the mathematics.
   product over flattened patches, sharing the convolution's weight. Under 1 % of the FLOPs, yet
   cuDNN ran it (with the NCHW-to-NHWC copies around it and, above all, the input gradient every
   PGD iteration needs) in 31 ms of a 186 ms compiled step on an H200 (``--profile`` of
-  ``benchmarks/step_throughput.py``); with the product that step ran 20 % faster. Switched by ``train.patch_embed`` (``auto``: on a GPU).
+  ``benchmarks/step_throughput.py``); with the product that step ran 20 % faster. Switched by
+  ``train.patch_embed`` (``auto``: on a GPU).
 
 * :func:`attention_kernel` picks torch's scaled-dot-product-attention kernel for the step
   (``train.attention``). torch chooses by a fixed priority (cuDNN's kernel on Hopper); for the
   student's 50 tokens (ViT-B-32 at 224 px) that kernel ran at about 18 TFLOP/s forward and 39
-  backward on an H200, roughly 15 ms of a 154 ms step for about 1 % of its FLOPs. Which kernel is fastest at these
-  short sequences is measured by ``benchmarks/attention_kernels.py``, not assumed here: the
-  default stays torch's own choice.
+  backward on an H200, roughly 15 ms of a 154 ms step for about 1 % of its FLOPs. Which kernel
+  is fastest at these short sequences is measured by ``benchmarks/attention_kernels.py``, not
+  assumed here: the default stays torch's own choice.
 
 Channels-last is deliberately not used: in a ViT the only convolution is the patch embedding,
 replaced above, and the transformer blocks work on [B, L, D] tensors that have no channels-last
