@@ -12,9 +12,11 @@ In ONE process, with random weights (timing does not depend on their values):
     Variants: without and with the clean-teacher cache (steady state: every row filled), with
     ``train.compile`` (compile time reported separately) and, with ``--compile-attack``, with
     ``train.compile_attack`` on top (each whole PGD iteration one compiled graph). Like the
-    trainer on a GPU (``train.patch_embed: auto``), (b) runs the patch embedding as a matrix
-    product (``--patch-embed``); it is swapped in after (a) and the fp32 loss check, which keep
-    open_clip's convolution as the release does.
+    trainer, (b) runs the exact tower rewrites of :mod:`mmtard.tower_rewrites` as configured
+    (``--patch-embed``, default ``auto``: on a GPU; ``--last-block``, default ``full``): the patch
+    embedding as a matrix product, a last block that computes the class token alone.
+    They are applied after (a) and the fp32 loss check, which keep open_clip's towers as the
+    release does.
 
 Printed per variant: images/s, seconds per step, peak memory; the ratio b/a; the FLOP count of
 (b) from ``torch.utils.flop_counter.FlopCounterMode`` and the fraction of ``--peak-tflops``.
@@ -47,7 +49,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
-from mmtard.config import ATTENTION_KERNELS, PATCH_EMBEDS  # noqa: E402  (after the path set-up)
+from mmtard.config import ATTENTION_KERNELS, LAST_BLOCKS, PATCH_EMBEDS  # noqa: E402  (after the path set-up)
 
 
 def parse_args(argv=None):
@@ -76,6 +78,8 @@ def parse_args(argv=None):
                    help="print torch.profiler's top operators for one steady step of the last (b) variant")
     p.add_argument("--patch-embed", default="auto", choices=PATCH_EMBEDS,
                    help="train.patch_embed of (b): auto = matmul on a GPU (the reference keeps the convolution)")
+    p.add_argument("--last-block", default="full", choices=LAST_BLOCKS,
+                   help="train.last_block of (b) (the reference keeps open_clip's full block)")
     p.add_argument("--attention", default="auto", choices=ATTENTION_KERNELS,
                    help="train.attention of (b): torch's attention kernel (see attention_kernels.py)")
     p.add_argument("--no-reference", action="store_true", help="skip (a)")
@@ -192,8 +196,9 @@ def build_trainer(args, workdir: Path, compile_: bool):
                             confidence="cosine" if args.recipe == "release" else "probability"),
         train=TrainConfig(steps=10**6, global_batch=args.batch, device=str(args.device), precision=args.precision,
                           log_every=10**6, ckpt_every=10**6, clean_teacher_cache=True, compile=compile_,
-                          # the convolution for the reference; main() swaps it per --patch-embed
-                          patch_embed="conv", attention=args.attention),
+                          # open_clip's towers for the reference; main() rewrites them per
+                          # --patch-embed and --last-block
+                          patch_embed="conv", last_block="full", attention=args.attention),
     )
     validate(config)
     run_dir = workdir / ("run-compiled" if compile_ else "run")
@@ -277,10 +282,19 @@ def trainer_step_fn(trainer, batches):
 
 
 def count_flops(fn) -> int:
+    """FLOPs of one call of ``fn``, counted by torch. nn.MultiheadAttention's no-grad fast path
+    (``torch._native_multi_head_attention``, taken by every frozen teacher in eager mode) has no
+    FLOP formula, so its projections and attention would count zero: it is switched off while
+    counting (the composite path does the same products)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
-        fn()
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
     return int(counter.get_total_flops())
 
 
@@ -569,11 +583,14 @@ def main(argv=None) -> int:
             stage("check", reference_losses, args, trainer, batches, fp32_losses)
         if args.eval:  # evaluation builds its models with open_clip's convolution
             stage("autoattack", time_autoattack, args, trainer.student, device, timer)
-        from mmtard.speed import matmul_patch_embedding, wants_matmul_patch_embedding
+        from mmtard import tower_rewrites
 
-        if wants_matmul_patch_embedding(args.patch_embed, device):
-            # what train.patch_embed (auto, on a GPU) does in factory.build_method
-            emit("patch_embed", mode="matmul", towers=matmul_patch_embedding(trainer.method))
+        # what train.patch_embed (auto: on a GPU) and train.last_block do in factory.build_method
+        towers = tower_rewrites.image_towers(trainer.method)
+        if tower_rewrites.wants_matmul_patch_embedding(args.patch_embed, device):
+            emit("patch_embed", mode="matmul", towers=tower_rewrites.matmul_patch_embedding(towers))
+        if args.last_block == "class_token":
+            emit("last_block", mode="class_token", towers=tower_rewrites.class_token_last_block(towers))
         flops = stage("flops", measure_flops, args, trainer, batches, timer) or {}
         summary = {}
         if args.compile in ("off", "both") and not args.no_eager:

@@ -18,7 +18,7 @@ def test_tiny_benchmark_prints_every_field(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", MMTARD_CACHE_DIR=str(tmp_path / "cache"))
     args = [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--steps", "1", "--warmup", "1",
             "--ref-steps", "1", "--pgd-steps", "2", "--eval", "--eval-n", "4", "--eval-iterations", "2",
-            "--check", "--profile", "--attention", "math", "--patch-embed", "matmul"]
+            "--check", "--profile", "--attention", "math", "--patch-embed", "matmul", "--last-block", "class_token"]
     proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = {}
@@ -38,6 +38,7 @@ def test_tiny_benchmark_prints_every_field(tmp_path):
     assert float(results["autoattack"]["images_per_s"]) > 0
     assert {"clean_teacher_s", "attack_s", "robust_teacher_s", "student_update_s"} <= set(results["breakdown_eager"])
     assert results["patch_embed"] == {"mode": "matmul", "towers": "3"}
+    assert results["last_block"] == {"mode": "class_token", "towers": "3"}
     assert float(results["check_eager"]["rel_diff_pgd2"]) < 0.05  # the fast step keeps the loss
     assert "profile" in results and "Self CPU" in proc.stdout
     assert re.search(r"\(b\) eager +cache", proc.stdout)
@@ -66,3 +67,30 @@ def test_attention_kernel_benchmark_runs():
     for shape in ("student", "update", "teacher"):
         assert {(shape, "kernel=auto"), (shape, "kernel=math"), (shape, "kernel=flash")} <= timed
         assert (shape, "kernel=cudnn") in refused  # a CPU has no cuDNN attention: reported, not fatal
+
+
+def test_tower_pass_benchmark_counts_what_each_rewrite_saves():
+    script = SCRIPT.parent / "tower_passes.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # the teacher is the student's architecture, so its no-grad forward is half the attack's pass
+    proc = subprocess.run([sys.executable, str(script), "--tiny", "--device", "cpu", "--only", "open_clip,class_token",
+                           "--teacher", "mmtard-tiny-vit"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            _, name, *fields = line.split()
+            fields = dict(f.split("=", 1) for f in fields)
+            results[(name, fields.get("rewrite"))] = fields
+    for rewrite in ("open_clip", "class_token"):
+        for name in ("pass_attack", "pass_update", "pass_teacher"):
+            assert float(results[(name, rewrite)]["s"]) > 0
+        assert float(results[("towers", rewrite)]["tower_s"]) > 0
+        # forward + input gradient = 2 forwards; the frozen teacher's fast attention path is counted too
+        attack, teacher = (float(results[(name, rewrite)]["gflop_per_image"]) for name in ("pass_attack", "pass_teacher"))
+        assert attack == pytest.approx(2 * teacher, rel=0.01)
+    # the tiny towers have 2 blocks: a class-token last block saves most of one of them, every pass
+    for name in ("pass_attack", "pass_update", "pass_teacher"):
+        full, fast = (float(results[(name, r)]["gflop_per_image"]) for r in ("open_clip", "class_token"))
+        assert 0.5 * full < fast < 0.8 * full, (name, full, fast)
+    assert ("towers", "matmul") not in results  # --only

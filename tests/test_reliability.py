@@ -148,10 +148,11 @@ def test_a_run_saved_before_a_config_key_existed_still_resumes(tmp_path):
         edit(old)
         (run / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
 
-    saved_as(lambda d: [d["data"].pop("classnames"), d["train"].pop("patch_embed"), d["train"].pop("attention")])
+    saved_as(lambda d: [d["data"].pop("classnames"), d["train"].pop("patch_embed"), d["train"].pop("attention"),
+                        d["train"].pop("last_block")])
     assert prepare_run_dir(run, Config(), force=False).name == "step_00000005.pt"
     faster = Config()
-    faster.train.compile, faster.train.attention = True, "math"
+    faster.train.compile, faster.train.attention, faster.train.last_block = True, "math", "class_token"
     assert prepare_run_dir(run, faster, force=False) is not None
     other = Config()
     other.train.lr = 1e-3

@@ -1,7 +1,8 @@
 """Speed changes keep the mathematics: bf16 autocast and torch.compile give the fp32 step's loss
 within bf16 tolerance, frozen-weight attacks give the same input gradient, the patch embedding as
-a matrix product is the convolution, every attention kernel gives the same loss, and
-train.compile / train.patch_embed / train.attention are wired in."""
+a matrix product is the convolution, a last block computing the class token alone gives open_clip's
+outputs and gradients, every attention kernel gives the same loss, and train.compile /
+train.patch_embed / train.last_block / train.attention are wired in."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import torch
 from mmtard.attacks import PGDConfig, pgd, pgd_iteration
 from mmtard.config import load_config
 from mmtard.errors import ConfigError
-from mmtard.speed import (PatchEmbedding, attention_kernel, check_attention_kernel, compile_attack_iteration,
-                          compile_method, image_towers, input_grad_only, matmul_patch_embedding)
+from mmtard.speed import (attention_kernel, check_attention_kernel, compile_attack_iteration, compile_method,
+                          input_grad_only)
+from mmtard.tower_rewrites import (ClassTokenBlock, PatchEmbedding, class_token_last_block, image_towers,
+                                   matmul_patch_embedding)
 from mmtard.trainer import Trainer
 
 TEACHERS = "teachers=[{name: mmtard-small-vit, role: clean}, {name: mmtard-small-vit, role: robust}]"
@@ -195,7 +198,7 @@ def test_matmul_patch_embedding_gives_the_convolution_step_loss(world_dir, tmp_p
     trainer, batch = _fp32_trainer(world_dir, tmp_path / "run")
     names = sorted(trainer.student.state_dict())
     conv = _method_loss(trainer, batch)
-    assert matmul_patch_embedding(trainer.method) == 3  # student and both teachers
+    assert matmul_patch_embedding(image_towers(trainer.method)) == 3  # student and both teachers
     assert all(isinstance(t.conv1, PatchEmbedding) for t in image_towers(trainer.method))
     product = _method_loss(trainer, batch)
     torch.testing.assert_close(product, conv, rtol=1e-5, atol=1e-7)
@@ -204,13 +207,10 @@ def test_matmul_patch_embedding_gives_the_convolution_step_loss(world_dir, tmp_p
 
 def test_matmul_patch_embedding_leaves_resnet_convolutions():
     """A ResNet tower's blocks have 1x1 stride-1 ``conv1`` layers: not patch embeddings."""
-    from types import SimpleNamespace
-
     import open_clip
 
     resnet = open_clip.create_model("RN50")  # random weights
-    method = SimpleNamespace(student=SimpleNamespace(clip=resnet), teachers=[], reference=None)
-    assert matmul_patch_embedding(method) == 0
+    assert matmul_patch_embedding([resnet.visual]) == 0
     assert not any(isinstance(m, PatchEmbedding) for m in resnet.modules())
 
 
@@ -238,6 +238,75 @@ def test_train_patch_embed_switch(world_dir, tmp_path):
     assert towers("auto") == [torch.nn.Conv2d] * 3  # auto: the product on a GPU only
     with pytest.raises(ConfigError, match="train.patch_embed: 'fast' is not one of auto, conv, matmul"):
         load_config(None, _overrides(world_dir, **{"train.patch_embed": "fast"}))
+
+
+@pytest.mark.parametrize("ls_init_value", [None, 0.5])  # with and without open_clip's LayerScale
+def test_class_token_block_gives_open_clip_outputs_and_gradients(ls_init_value):
+    from open_clip.transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=32, patch_size=8, width=32, layers=3, heads=2, mlp_ratio=4.0,
+                            ls_init_value=ls_init_value, output_dim=16)
+    names = sorted(vit.state_dict())
+    x = torch.rand(3, 3, 32, 32, requires_grad=True)
+    full = vit(x)
+    probe = torch.randn_like(full)
+    params = [p for p in vit.parameters()]
+    grads_full = torch.autograd.grad((full * probe).sum(), [x] + params)
+    assert class_token_last_block([vit]) == 1
+    last = vit.transformer.resblocks[-1]
+    assert type(last) is ClassTokenBlock and type(vit.transformer.resblocks[0]) is not ClassTokenBlock
+    assert last(torch.rand(2, 17, 32)).shape == (2, 1, 32)  # the class token alone leaves the block
+    fast = vit(x)
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
+    grads_fast = torch.autograd.grad((fast * probe).sum(), [x] + params)
+    for a, b in zip(grads_fast, grads_full):  # the attack's input gradient and the update's weight gradients
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert sorted(vit.state_dict()) == names  # checkpoints and exports unchanged
+    assert class_token_last_block([vit]) == 1 and type(vit.transformer.resblocks[-1]) is ClassTokenBlock
+
+
+def test_class_token_last_block_leaves_towers_that_read_other_tokens():
+    import open_clip
+    from open_clip.transformer import VisionTransformer
+
+    def vit(**kw):
+        return VisionTransformer(image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_ratio=4.0,
+                                 output_dim=16, **kw)
+
+    others = [vit(pool_type="avg"), vit(output_tokens=True), vit(attentional_pool=True),
+              vit(qk_norm=True),  # open_clip's custom block: not the block ClassTokenBlock rewrites
+              open_clip.create_model("RN50").visual]
+    assert class_token_last_block(others) == 0
+    assert not any(isinstance(m, ClassTokenBlock) for tower in others for m in tower.modules())
+
+
+def test_class_token_last_block_gives_the_full_step_loss(world_dir, tmp_path):
+    trainer, batch = _fp32_trainer(world_dir, tmp_path / "run")
+    full = _method_loss(trainer, batch)
+    assert class_token_last_block(image_towers(trainer.method)) == 3  # student and both teachers
+    torch.testing.assert_close(_method_loss(trainer, batch), full, rtol=1e-5, atol=1e-7)
+    compile_method(trainer.method, backend="aot_eager")  # and traced by torch.compile
+    torch.testing.assert_close(_method_loss(trainer, batch), full, rtol=1e-4, atol=1e-6)
+
+
+def test_train_last_block_switch(world_dir, tmp_path):
+    def last_blocks(value, **extra):
+        trainer = Trainer(load_config(None, _overrides(world_dir, **{"train.last_block": value, **extra})),
+                          tmp_path / f"{value}{len(extra)}", show_progress=False)
+        return trainer, [type(t.transformer.resblocks[-1]) for t in image_towers(trainer.method)]
+
+    assert last_blocks("class_token")[1] == [ClassTokenBlock] * 3
+    assert ClassTokenBlock not in last_blocks("full")[1]
+    # under LoRA the tower is peft's wrapper and the block's attention peft's LoRA layer
+    lora, _ = last_blocks("class_token", **{"train.lora": "true"})
+    blocks = [m for m in lora.student.clip.visual.modules() if isinstance(m, ClassTokenBlock)]
+    assert len(blocks) == 1
+    calls = []
+    blocks[0].register_forward_hook(lambda _m, _i, out: calls.append(out.shape[1]))
+    assert torch.isfinite(lora._train_step(iter([_batch(lora)]), {})["loss"]) and calls and set(calls) == {1}
+    with pytest.raises(ConfigError, match="train.last_block: 'cls' is not one of full, class_token"):
+        load_config(None, _overrides(world_dir, **{"train.last_block": "cls"}))
 
 
 def test_attention_kernels_give_the_same_loss(world_dir, tmp_path):

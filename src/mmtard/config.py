@@ -42,8 +42,12 @@ class TeacherConfig:
 
 DATA_SOURCES = ("world", "imagefolder", "imagenet", "shards")
 #: train.patch_embed: the image towers' patch embedding as cuDNN's convolution or as one matrix
-#: product (same linear map, mmtard.speed.PatchEmbedding); auto: the product on a GPU only
+#: product (same linear map, mmtard.tower_rewrites.PatchEmbedding); auto: the product on a GPU only
 PATCH_EMBEDS = ("auto", "conv", "matmul")
+#: train.last_block: the image towers' last block computes every token (open_clip) or the class
+#: token alone, all a class-token pooling reads (mmtard.tower_rewrites.ClassTokenBlock); full by
+#: default until its GPU speed is measured
+LAST_BLOCKS = ("full", "class_token")
 #: train.attention: torch's scaled-dot-product-attention kernel (mmtard.speed.attention_kernel);
 #: auto leaves torch's choice
 ATTENTION_KERNELS = ("auto", "flash", "efficient", "cudnn", "math")
@@ -143,6 +147,7 @@ class TrainConfig:
     compile_mode: str | None = None
     compile_attack: bool = False
     patch_embed: str = "auto"
+    last_block: str = "full"
     attention: str = "auto"
 
 
@@ -322,6 +327,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.warmup_frac: {train.warmup_frac} must be in [0, 1)")
     if train.patch_embed not in PATCH_EMBEDS:
         raise ConfigError(f"train.patch_embed: '{train.patch_embed}' is not one of {', '.join(PATCH_EMBEDS)}")
+    if train.last_block not in LAST_BLOCKS:
+        raise ConfigError(f"train.last_block: '{train.last_block}' is not one of {', '.join(LAST_BLOCKS)}")
     if train.attention not in ATTENTION_KERNELS:
         raise ConfigError(f"train.attention: '{train.attention}' is not one of {', '.join(ATTENTION_KERNELS)}")
     if train.compile_attack and train.lora:

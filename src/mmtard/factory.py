@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mmtard import speed
+from mmtard import speed, tower_rewrites
 from mmtard.config import DATA_SOURCES, Config, DataConfig, ModelConfig
 from mmtard.errors import ConfigError
 from mmtard.lora import add_lora
@@ -126,8 +126,13 @@ def build_method(config: Config, student: CLIPClassifier, teachers: list[Teacher
     cls = METHODS[config.method.name]
     method = cls(student, teachers, config.attack.pgd(), config.method, reference=reference, autocast_dtype=amp)
     train = config.train
-    if speed.wants_matmul_patch_embedding(train.patch_embed, next(student.parameters()).device):
-        speed.matmul_patch_embedding(method)  # before compiling, so the compiled towers trace the product
+    device = next(student.parameters()).device
+    # exact rewrites, before compiling so that the compiled towers trace them
+    towers = tower_rewrites.image_towers(method)
+    if tower_rewrites.wants_matmul_patch_embedding(train.patch_embed, device):
+        tower_rewrites.matmul_patch_embedding(towers)
+    if train.last_block == "class_token":
+        tower_rewrites.class_token_last_block(towers)
     if train.compile or train.compile_attack:
         speed.tag_compile_caches(train.attention)  # both trace the attention kernel into graphs
     if train.compile:  # in place: parameter names, checkpoints and exports are unchanged

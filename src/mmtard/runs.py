@@ -27,7 +27,8 @@ FINISHED_MARKER = "student.safetensors"
 _IGNORED_ON_COMPARE = {("train", "steps"), ("train", "log_every"), ("train", "ckpt_every"),
                        ("train", "keep_checkpoints"), ("data", "num_workers"),
                        ("train", "compile"), ("train", "compile_mode"), ("train", "compile_attack"),
-                       ("train", "patch_embed"), ("train", "attention")}
+                       ("train", "patch_embed"), ("train", "last_block"),
+                       ("train", "attention")}
 
 
 def _comparable(config: dict) -> dict:

@@ -24,14 +24,6 @@ ask autograd for input gradients only. None of them changes the mathematics.
   backward is the input-gradient half only (half the backward matrix products), and eager mode
   keeps fewer tensors alive. The gradient with respect to the input is the same, bit for bit.
 
-* :func:`matmul_patch_embedding` swaps each image tower's patch embedding (a convolution whose
-  kernel equals its stride) for :class:`PatchEmbedding`, the same linear map as one matrix
-  product over flattened patches, sharing the convolution's weight. Under 1 % of the FLOPs, yet
-  cuDNN ran it (with the NCHW-to-NHWC copies around it and, above all, the input gradient every
-  PGD iteration needs) in 31 ms of a 186 ms compiled step on an H200 (``--profile`` of
-  ``benchmarks/step_throughput.py``); with the product that step ran 20 % faster. Switched by
-  ``train.patch_embed`` (``auto``: on a GPU).
-
 * :func:`attention_kernel` picks torch's scaled-dot-product-attention kernel for the step
   (``train.attention``). torch chooses by a fixed priority (cuDNN's kernel on Hopper); for the
   student's 50 tokens (ViT-B-32 at 224 px) that kernel ran at about 18 TFLOP/s forward and 39
@@ -39,9 +31,11 @@ ask autograd for input gradients only. None of them changes the mathematics.
   is fastest at these short sequences is measured by ``benchmarks/attention_kernels.py``, not
   assumed here: the default stays torch's own choice.
 
+The exact rewrites of the image towers themselves (the patch embedding as a matrix product, a
+last block that computes the class token alone) are in :mod:`mmtard.tower_rewrites`.
 Channels-last is deliberately not used: in a ViT the only convolution is the patch embedding,
-replaced above, and the transformer blocks work on [B, L, D] tensors that have no channels-last
-layout.
+replaced by that matrix product on a GPU, and the transformer blocks work on [B, L, D] tensors
+that have no channels-last layout.
 """
 
 from __future__ import annotations
@@ -55,6 +49,7 @@ from torch import nn
 
 from mmtard.attacks import Iteration, functional_pgd_iteration
 from mmtard.errors import ConfigError
+from mmtard.tower_rewrites import image_towers
 
 log = logging.getLogger(__name__)
 
@@ -78,72 +73,6 @@ def input_grad_only(module: nn.Module | None) -> Iterator[None]:
     finally:
         for p in params:
             p.requires_grad_(True)
-
-
-class PatchEmbedding(nn.Module):
-    """A ViT patch embedding, ``Conv2d(C, D, kernel_size=P, stride=P)``, as one matrix product.
-
-    Cut the image into P x P patches, flatten each to C*P*P values and multiply by the weight
-    flattened the same way: exactly the sums the convolution makes, in another order (fp32
-    results agree to rounding). ``weight`` (and ``bias``) are the convolution's own parameters, so
-    the parameter names, the optimizer's state and every checkpoint stay those of the
-    convolution. The output has the convolution's shape [B, D, H/P, W/P] (a view of a [B, L, D]
-    product: the tower's reshape to tokens copies nothing); rows and columns past the last whole
-    patch are dropped, as the convolution drops them.
-    """
-
-    def __init__(self, conv: nn.Conv2d):
-        super().__init__()
-        if not is_patch_convolution(conv):
-            raise ValueError(f"not a patch-embedding convolution (kernel == stride, no padding): {conv}")
-        self.patch = conv.kernel_size[0]
-        self.weight = conv.weight
-        self.bias = conv.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        p = self.patch
-        gh, gw = h // p, w // p
-        patches = x[:, :, :gh * p, :gw * p].reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5)
-        tokens = patches.reshape(b, gh * gw, c * p * p)
-        weight = self.weight.reshape(self.weight.shape[0], -1)
-        out = nn.functional.linear(tokens, weight, self.bias)  # [B, L, D]
-        return out.transpose(1, 2).reshape(b, -1, gh, gw)
-
-    def extra_repr(self) -> str:
-        return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, patch={self.patch}"
-
-
-def is_patch_convolution(module: nn.Module) -> bool:
-    """A plain 2-D convolution with a square kernel (larger than 1) equal to its stride: the shape of
-    a patch embedding."""
-    return (type(module) is nn.Conv2d and module.kernel_size[0] == module.kernel_size[1] > 1
-            and tuple(module.stride) == tuple(module.kernel_size) and tuple(module.padding) == (0, 0)
-            and tuple(module.dilation) == (1, 1) and module.groups == 1 and module.padding_mode == "zeros")
-
-
-def wants_matmul_patch_embedding(setting: str, device: torch.device) -> bool:
-    """``train.patch_embed``: ``matmul`` always, ``auto`` on a GPU only, ``conv`` never."""
-    return setting == "matmul" or (setting == "auto" and device.type == "cuda")
-
-
-def matmul_patch_embedding(method: nn.Module) -> int:
-    """Replace, in place, the patch-embedding convolution (``conv1``) of every image tower of
-    ``method`` by a :class:`PatchEmbedding` over the same parameters; returns how many.
-
-    Only a ViT's own ``conv1`` (the module holding it also holds the positional embedding; a
-    ResNet's blocks have ``conv1`` layers too). It is replaced in that module: under LoRA the tower
-    is peft's wrapper, which forwards ``conv1`` reads to the wrapped ViT but would keep a ``conv1``
-    written to it as a module of its own that nothing calls."""
-    swapped = 0
-    for tower in image_towers(method):
-        for owner in tower.modules():
-            conv = owner._modules.get("conv1")
-            if conv is not None and hasattr(owner, "positional_embedding") and is_patch_convolution(conv):
-                owner.conv1 = PatchEmbedding(conv)
-                swapped += 1
-    log.info("patch embedding as a matrix product in %d image towers", swapped)
-    return swapped
 
 
 _CPU_ATTENTION_KERNELS = ("auto", "flash", "math")  # what torch has on a CPU
@@ -186,15 +115,6 @@ def attention_kernel(name: str) -> contextlib.AbstractContextManager:
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
     return sdpa_kernel([backends[name]])
-
-
-def image_towers(method: nn.Module) -> list[nn.Module]:
-    """The image encoders a method runs each step: student, teachers, reference (if any)."""
-    towers = [method.student.clip.visual]
-    towers += [teacher.clip.visual for teacher in method.teachers]
-    if getattr(method, "reference", None) is not None:
-        towers.append(method.reference.clip.visual)
-    return towers
 
 
 def _raise_recompile_limit(limit: int = RECOMPILE_LIMIT) -> None:
