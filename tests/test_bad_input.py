@@ -281,5 +281,12 @@ def test_eval_and_report_refusals(world_dir, tmp_path, capsys):
              "finished run folder")
     _refused(capsys, base + ["--model", "mmtard-tiny-vit", "--dataset", "world=/nonexistent/world"],
              "No world at /nonexistent/world")
+    damaged = tmp_path / "damaged-run"
+    damaged.mkdir()
+    (damaged / "student.safetensors").write_bytes(b"")
+    for text, part in (("student: [unclosed", "not valid YAML"), ("train: {steps: 3}", "no student.name")):
+        (damaged / "config.yaml").write_text(text)
+        _refused(capsys, base + ["--run", str(damaged), "--dataset", f"world={world_dir}"],
+                 str(damaged / "config.yaml"), part)
     _refused(capsys, ["report", str(tmp_path / "nothing"), "--out", str(tmp_path / "rep")],
              f"report input {tmp_path / 'nothing'} does not exist")

@@ -164,3 +164,53 @@ def test_a_run_saved_before_a_config_key_existed_still_resumes(tmp_path):
     (run / "config.yaml").write_text("")
     with pytest.raises(MmtardError, match="empty or not a mapping"):
         prepare_run_dir(run, Config(), force=False)
+
+
+def test_metrics_file_widens_for_new_terms_and_survives_a_damaged_row(tmp_path, caplog):
+    import csv
+
+    from mmtard.metrics import MetricsWriter
+
+    def rows():
+        with open(tmp_path / "metrics.csv", newline="") as handle:
+            return list(csv.DictReader(handle))
+
+    first = MetricsWriter(tmp_path, tensorboard=False)
+    first.write(1, {"loss": 2.0})
+    first.write(2, {"loss": 1.5})
+    resumed = MetricsWriter(tmp_path, resume_step=2, tensorboard=False)  # e.g. a newer version logs more
+    resumed.write(3, {"loss": 1.0, "lr": 0.1})
+    assert rows() == [{"step": "1", "loss": "2.0", "lr": ""}, {"step": "2", "loss": "1.5", "lr": ""},
+                      {"step": "3", "loss": "1.0", "lr": "0.1"}]
+    with open(tmp_path / "metrics.csv", "a") as handle:  # a row the machine's crash cut short
+        handle.write("\x00\x00\n4,0.5,0.1\n")
+    with caplog.at_level("WARNING"):
+        MetricsWriter(tmp_path, resume_step=4, tensorboard=False).write(5, {"loss": 0.4, "lr": 0.1})
+    assert "line 5 is damaged" in caplog.text and (tmp_path / "metrics.csv.damaged").exists()
+    assert [r["step"] for r in rows()] == ["1", "2", "3", "5"]
+    MetricsWriter(tmp_path, resume_step=0, tensorboard=False).write(1, {"acc": 9.0})  # nothing kept: a fresh header
+    assert rows() == [{"step": "1", "acc": "9.0"}]
+
+
+def test_finished_student_and_records_reach_the_disk_before_their_rename(tmp_path, monkeypatch):
+    """``student.safetensors`` marks a finished run: after a power cut it must be the whole file or
+    absent, so its data are fsynced before the rename and the rename is fsynced after (same for
+    evaluation records)."""
+    import os
+
+    from mmtard import checkpoint
+    from mmtard.models import ModelSpec, create_clip, export_open_clip
+    from mmtard.results import write_json_atomic
+
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(checkpoint.os, "fsync", lambda fd: calls.append(("fsync", os.path.basename(
+        os.readlink(f"/proc/self/fd/{fd}")))) or real_fsync(fd))
+    monkeypatch.setattr(checkpoint.os, "replace", lambda a, b: calls.append(("replace", os.path.basename(b)))
+                        or real_replace(a, b))
+    export_open_clip(create_clip(ModelSpec("mmtard-tiny-vit")), tmp_path / "student.safetensors")
+    assert calls == [("fsync", "student.safetensors.tmp"), ("replace", "student.safetensors"),
+                     ("fsync", tmp_path.name)]
+    calls.clear()
+    write_json_atomic({"a": 1}, tmp_path / "record.json")
+    assert [c[0] for c in calls] == ["fsync", "replace", "fsync"] and calls[1] == ("replace", "record.json")

@@ -341,3 +341,81 @@ def test_changing_the_length_on_resume_is_warned(world_dir, tmp_path, monkeypatc
     with caplog.at_level("WARNING"):
         Trainer(load_config(None, tiny_overrides(world_dir, steps=3)), tmp_path / "run", show_progress=False)
     assert "train.steps changed from 2 to 3 on resume" in caplog.text
+
+
+def test_changing_the_length_on_resume_follows_the_new_schedule_from_the_next_step(world_dir, tmp_path, monkeypatch):
+    from mmtard.trainer import cosine_lr
+
+    _interrupt_after(tiny_overrides(world_dir, steps=4, **{"attack.steps": 0}), tmp_path / "run", 2, monkeypatch)
+    Trainer(load_config(None, tiny_overrides(world_dir, steps=8, **{"attack.steps": 0})), tmp_path / "run",
+            show_progress=False).train()
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert [float(r["lr"]) for r in rows[2:]] == pytest.approx([1e-3 * cosine_lr(s, 8, 0) for s in range(2, 8)])
+
+
+def test_a_resume_logs_the_rows_of_an_uninterrupted_run_when_checkpoints_fall_between_logs(
+        world_dir, tmp_path, monkeypatch):
+    """Logs every 2 steps, checkpoints every 3: a row at every checkpoint as well, so no logged mean
+    spans the checkpoint a run is resumed from."""
+    overrides = tiny_overrides(world_dir, steps=4, **{"train.log_every": 2, "train.ckpt_every": 3, "attack.steps": 0})
+    Trainer(load_config(None, overrides), tmp_path / "a", show_progress=False).train()
+    _interrupt_after(overrides, tmp_path / "b", 3, monkeypatch)
+    Trainer(load_config(None, overrides), tmp_path / "b", show_progress=False).train()
+    _assert_same_run(tmp_path / "a", tmp_path / "b")
+    assert [r["step"] for r in csv.DictReader(open(tmp_path / "b" / "metrics.csv"))] == ["2", "3", "4"]
+
+
+def test_force_with_a_config_that_fails_to_build_deletes_nothing(world_dir, tmp_path):
+    from mmtard.errors import MmtardError
+
+    run = tmp_path / "run"
+    Trainer(load_config(None, tiny_overrides(world_dir, steps=1)), run, show_progress=False).train()
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    bad = tiny_overrides(world_dir, steps=1)[1:] + [
+        "teachers=[{name: mmtard-small-vit, role: clean, pretrained: /nonexistent/teacher.safetensors}, "
+        "{name: mmtard-small-vit, role: robust}]"]
+    with pytest.raises(MmtardError, match="/nonexistent/teacher.safetensors"):
+        Trainer(load_config(None, bad), run, force=True, show_progress=False)
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # the finished run is whole
+
+
+def test_a_fresh_start_drops_the_cache_a_run_killed_before_its_first_checkpoint_left(world_dir, tmp_path,
+                                                                                     monkeypatch):
+    """Cache rows are keyed by sample, not by teacher: rows an earlier config's teacher wrote must not
+    be read by a new run in the same folder; a resumed run keeps its own."""
+    run = tmp_path / "run"
+    _interrupt_after(tiny_overrides(world_dir, steps=2), run, 1, monkeypatch)
+    cache = run / "cache" / "clean_teacher"
+    own = sorted(cache.iterdir())
+    assert own
+    Trainer(load_config(None, tiny_overrides(world_dir, steps=2)), run, show_progress=False)  # resumes
+    assert sorted(cache.iterdir()) == own
+    for checkpoint in (run / "checkpoints").iterdir():  # now as if killed before its first checkpoint
+        checkpoint.unlink()
+    trainer = Trainer(load_config(None, tiny_overrides(world_dir, steps=2)), run, show_progress=False)
+    assert trainer.resume_from is None and not any(cache.glob("teacher*"))
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_ranks_share_one_stream_of_micro_batches_over_epochs(world):
+    """n = 22 samples, micro-batch 4: 5 micro-batches per epoch, which 2, 3 or 4 ranks cannot split
+    evenly. Dealt out, the ranks' streams interleave into the single process's, epoch after epoch,
+    and a rank restarted at any position continues its own stream."""
+    from mmtard.distributed import DistEnv
+    from mmtard.trainer import epoch_indices, stream_start
+
+    n, micro, seed, epochs = 22, 4, 3, 4
+
+    def stream(env):
+        samples = [i for e in range(epochs) for i in epoch_indices(n, e, seed, env, micro)]
+        return [samples[k:k + micro] for k in range(0, len(samples), micro)]
+
+    single = stream(DistEnv())
+    assert len(single) == epochs * (n // micro)
+    ranks = [stream(DistEnv(rank=r, world_size=world)) for r in range(world)]
+    assert [ranks[g % world][g // world] for g in range(len(single))] == single
+    for rank, blocks in enumerate(ranks):
+        env = DistEnv(rank=rank, world_size=world)
+        for position in range(len(blocks)):
+            epoch, offset = stream_start(position, n, env, micro)
+            assert epoch_indices(n, epoch, seed, env, micro)[offset * micro:][:micro] == blocks[position]

@@ -27,6 +27,20 @@ _NAME = re.compile(r"^step_(\d+)\.pt$")
 _TMP_SUFFIX = ".tmp"
 
 
+def durable_replace(tmp: str | Path, path: str | Path) -> None:
+    """Rename the finished ``tmp`` over ``path`` so that after a crash of the machine (not only of
+    the process) ``path`` holds the old file or the whole new one: the data reach the disk before
+    the rename does, and the rename itself is made durable."""
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    directory = os.open(Path(path).parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
 def atomic_save(obj: Any, path: str | Path) -> Path:
     """torch.save through a temporary file and an atomic rename, fsynced.
 
@@ -39,14 +53,7 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as handle:
             torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        durable_replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):
@@ -135,7 +142,9 @@ def rng_state() -> dict:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # the current device's stream only: a rank draws on its own GPU, and a list of every visible
+        # GPU's state could not be restored where fewer GPUs are visible (another rank layout)
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -147,4 +156,6 @@ def set_rng_state(state: dict) -> None:
                          numpy_state["has_gauss"], numpy_state["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        # checkpoints of earlier versions hold a list with one state per visible GPU
+        torch.cuda.set_rng_state(cuda[min(torch.cuda.current_device(), len(cuda) - 1)] if isinstance(cuda, list) else cuda)

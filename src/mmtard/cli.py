@@ -120,8 +120,6 @@ _ATTACKS = {"apgd-ce,apgd-t": "apgd", "apgd": "apgd", "standard": "standard", "p
 
 def _eval_models(args: argparse.Namespace) -> list:
     """--model/--pretrained/--name triplets and --run folders -> table rows."""
-    import yaml
-
     from mmtard.evaluate import ModelEntry
 
     if len(args.pretrained) not in (0, len(args.model)) or len(args.name) not in (0, len(args.model)):
@@ -135,8 +133,7 @@ def _eval_models(args: argparse.Namespace) -> list:
         config, weights = run / "config.yaml", run / "student.safetensors"
         if not (config.is_file() and weights.is_file()):
             raise ConfigError(f"--run {run}: expected a finished run folder with config.yaml and student.safetensors")
-        arch = yaml.safe_load(config.read_text())["student"]["name"]
-        models.append(ModelEntry(run.name, arch, str(weights)))
+        models.append(ModelEntry(run.name, _run_student_name(config), str(weights)))
     if not models:
         raise ConfigError("mmtard eval: give at least one --model or --run")
     rows = [m.row for m in models]
@@ -144,6 +141,22 @@ def _eval_models(args: argparse.Namespace) -> list:
     if duplicates:
         raise ConfigError(f"mmtard eval: two models would both be row '{duplicates[0]}'; name them with --name")
     return models
+
+
+def _run_student_name(config: Path) -> str:
+    """The student architecture a finished run's ``config.yaml`` names (only that key is read, so
+    the runs of earlier versions, whose configs may hold retired keys, stay readable)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(config.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{config}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    student = data.get("student") if isinstance(data, dict) else None
+    name = student.get("name") if isinstance(student, dict) else None
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{config}: no student.name, so the run's architecture is unknown")
+    return name
 
 
 def _eval_datasets(specs: list[str]) -> list:

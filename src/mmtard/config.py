@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -339,9 +338,12 @@ def validate(config: Config) -> None:
 
 
 def save_config(config: Any, path: str | Path) -> None:
-    """Write the resolved config; through a temporary file and a rename, so that a run killed
-    while writing it still finds a whole config to compare against when resumed."""
+    """Write the resolved config; through a temporary file and a durable rename, so that a run
+    killed while writing it (or a machine that lost power) still finds a whole config to compare
+    against when resumed."""
+    from mmtard.checkpoint import durable_replace
+
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    os.replace(tmp, path)
+    durable_replace(tmp, path)

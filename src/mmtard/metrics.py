@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
+import shutil
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 class MetricsWriter:
     """Appends rows to ``metrics.csv`` and mirrors them to TensorBoard (rank 0 only).
 
     On resume, rows logged after the checkpoint being resumed are dropped first, so the file
-    describes exactly one trajectory.
+    describes exactly one trajectory; a term first logged later widens the header rather than
+    being dropped.
     """
 
     def __init__(self, run_dir: str | Path, resume_step: int = 0, tensorboard: bool = True):
@@ -29,28 +34,49 @@ class MetricsWriter:
                 self.tb = None
 
     def _truncate_after(self, step: int) -> None:
+        rows: list[dict] = []
         with open(self.path, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        if not rows:
+            try:
+                rows.extend(csv.DictReader(handle))
+            except csv.Error:  # unreadable from here on: an empty row marks where
+                rows.append({})
+        kept = []
+        for line, row in enumerate(rows, start=2):
+            try:
+                row_step = int(float(row["step"]))
+            except (KeyError, TypeError, ValueError):  # a row cut short by a crash of the machine
+                damaged = self.path.with_name(f"{self.path.name}.damaged")
+                shutil.copyfile(self.path, damaged)
+                log.warning("%s: line %d is damaged; it and the lines after it are dropped (the file as it "
+                            "was is kept in %s)", self.path, line, damaged)
+                break
+            if row_step <= step:
+                kept.append(row)
+        if not kept:  # nothing of this trajectory: the next row writes a fresh header
+            self.path.unlink()
             return
-        self.columns = list(rows[0].keys())
-        kept = [row for row in rows if int(float(row["step"])) <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")  # a kill while rewriting loses nothing
+        self._rewrite(list(rows[0].keys()), kept)
+
+    def _rewrite(self, columns: list[str], rows: list[dict]) -> None:
+        """The file as ``columns`` and ``rows``, through a temporary file: a kill loses nothing."""
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
         with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self.columns)
+            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(kept)
+            writer.writerows(rows)
         os.replace(tmp, self.path)
+        self.columns = columns
 
     def write(self, step: int, values: dict[str, float]) -> None:
         row = {"step": step, **values}
         if self.columns is None:
-            self.columns = list(row.keys())
-            with open(self.path, "w", newline="") as handle:
-                csv.DictWriter(handle, fieldnames=self.columns).writeheader()
+            self._rewrite(list(row.keys()), [])
+        new = [k for k in row if k not in self.columns]
+        if new:  # a term this run did not log before (e.g. resumed by a newer version): widen the file
+            with open(self.path, newline="") as handle:
+                self._rewrite(self.columns + new, list(csv.DictReader(handle)))
         with open(self.path, "a", newline="") as handle:
-            csv.DictWriter(handle, fieldnames=self.columns, extrasaction="ignore").writerow(
-                {k: row.get(k, "") for k in self.columns})
+            csv.DictWriter(handle, fieldnames=self.columns).writerow({k: row.get(k, "") for k in self.columns})
         if self.tb is not None:
             for key, value in values.items():
                 self.tb.add_scalar(f"train/{key}", value, step)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmtard.checkpoint import unpickling_reason
+from mmtard.checkpoint import durable_replace, unpickling_reason
 from mmtard.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -286,7 +286,8 @@ def export_open_clip(clip: nn.Module, path: str | Path) -> Path:
     """Write a full CLIP as one safetensors file that
     ``open_clip.create_model_and_transforms(name, pretrained=path)`` loads back unchanged.
 
-    Written atomically (temporary file, then rename) so a crash never leaves a half file.
+    Written atomically and durably (:func:`mmtard.checkpoint.durable_replace`): the file marks a
+    finished run, so a crash must never leave a half (or, after a power cut, an empty) one.
     """
     from safetensors.torch import save_file
 
@@ -296,7 +297,7 @@ def export_open_clip(clip: nn.Module, path: str | Path) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     try:
         save_file(state, str(tmp))
-        os.replace(tmp, path)
+        durable_replace(tmp, path)
     except Exception as exc:  # OSError (disk full) or safetensors' own error type
         tmp.unlink(missing_ok=True)
         raise ModelError(f"cannot write {path}: {exc}; the checkpoints are intact, run the same command again "

@@ -41,6 +41,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Iterable
 
+from mmtard.checkpoint import durable_replace
 from mmtard.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -71,12 +72,12 @@ def sorted_eps(keys: Iterable[str]) -> list[str]:
 
 
 def write_json_atomic(obj: dict, path: str | Path) -> Path:
-    """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
+    """Write JSON through a temporary file and a durable rename, so a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    durable_replace(tmp, path)
     return path
 
 

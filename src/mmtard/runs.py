@@ -42,44 +42,21 @@ def prepare_run_dir(run_dir: Path, config: Config, force: bool, is_main: bool = 
 
     A finished run is not overwritten without ``force``; a run with checkpoints resumes only with
     the same config (except its length, logging cadence and speed switches); a folder holding
-    something that is not an mmtard run is refused.
+    something that is not an mmtard run is refused. Nothing is deleted here: with ``force``, or
+    when a run starts afresh over the remains of one killed before its first checkpoint,
+    :func:`start_fresh` clears DIR once the new run's models and data have been built.
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise MmtardError(f"output path {run_dir} exists and is not a folder")
-    finished = (run_dir / FINISHED_MARKER).exists()
-    if force and is_main and run_dir.exists():
-        _clear_run(run_dir)
-        finished = False
-    if finished:
-        raise MmtardError(f"{run_dir} holds a finished run ({FINISHED_MARKER}); pass --force to overwrite it")
-    last = latest_checkpoint(run_dir)
-    saved = run_dir / "config.yaml"
-    if last is not None and saved.exists():
-        try:
-            previous = yaml.safe_load(saved.read_text())
-        except yaml.YAMLError as exc:
-            raise MmtardError(f"{saved} is not valid YAML, so {run_dir} cannot be resumed safely; "
-                              "repair it or use another --out") from exc
-        if not isinstance(previous, dict) or not previous:
-            raise MmtardError(f"{saved} is empty or not a mapping, so {run_dir} cannot be resumed safely; "
-                              "repair it or use another --out")
-        # Defaults filled in: a run saved before a key existed compares as that key's default. This
-        # holds as long as every new key's default keeps the earlier behaviour (true of all so far).
-        try:
-            previous = to_dict(from_dict(type(config), previous))
-        except ConfigError as exc:
-            raise MmtardError(f"{saved} cannot be read by this version ({exc}), so {run_dir} cannot be resumed "
-                              "safely; use another --out or --force") from exc
-        if _comparable(previous) != _comparable(to_dict(config)):
-            raise MmtardError(
-                f"{run_dir} holds a run with a different config ({saved}); use another --out or --force")
-        before = (previous.get("train") or {}).get("steps")
-        if before is not None and before != config.train.steps and is_main:
-            log.warning("%s: train.steps changed from %s to %s on resume; the warm-up and cosine schedule "
-                        "follow the new length from the resumed step on, so the learning rate jumps",
-                        run_dir, before, config.train.steps)
-        return last
-    if run_dir.exists() and any(run_dir.iterdir()) and not (saved.exists() or (run_dir / "checkpoints").exists()):
+    if not force:
+        if (run_dir / FINISHED_MARKER).exists():
+            raise MmtardError(f"{run_dir} holds a finished run ({FINISHED_MARKER}); pass --force to overwrite it")
+        last = latest_checkpoint(run_dir)
+        if last is not None:
+            _check_same_config(run_dir, config, is_main)
+            return last
+    saved, checkpoints = run_dir / "config.yaml", run_dir / "checkpoints"
+    if run_dir.exists() and any(run_dir.iterdir()) and not (saved.exists() or checkpoints.exists()):
         raise MmtardError(f"{run_dir} is not empty and is not an mmtard run folder; choose another --out")
     if is_main:
         try:
@@ -92,9 +69,46 @@ def prepare_run_dir(run_dir: Path, config: Config, force: bool, is_main: bool = 
     return None
 
 
-def _clear_run(run_dir: Path) -> None:
+def _check_same_config(run_dir: Path, config: Config, is_main: bool) -> None:
+    """Refuse to resume the checkpoints in DIR with another config than the one they were made with."""
+    saved = run_dir / "config.yaml"
+    if not saved.exists():  # written before the first checkpoint: someone removed it
+        raise MmtardError(f"{run_dir} has checkpoints but no config.yaml, so it cannot be resumed safely; "
+                          "use another --out or --force")
+    try:
+        previous = yaml.safe_load(saved.read_text())
+    except yaml.YAMLError as exc:
+        raise MmtardError(f"{saved} is not valid YAML, so {run_dir} cannot be resumed safely; "
+                          "repair it or use another --out") from exc
+    if not isinstance(previous, dict) or not previous:
+        raise MmtardError(f"{saved} is empty or not a mapping, so {run_dir} cannot be resumed safely; "
+                          "repair it or use another --out")
+    # Defaults filled in: a run saved before a key existed compares as that key's default. This
+    # holds as long as every new key's default keeps the earlier behaviour (true of all so far).
+    try:
+        previous = to_dict(from_dict(type(config), previous))
+    except ConfigError as exc:
+        raise MmtardError(f"{saved} cannot be read by this version ({exc}), so {run_dir} cannot be resumed "
+                          "safely; use another --out or --force") from exc
+    if _comparable(previous) != _comparable(to_dict(config)):
+        raise MmtardError(f"{run_dir} holds a run with a different config ({saved}); use another --out or --force")
+    before = (previous.get("train") or {}).get("steps")
+    if before is not None and before != config.train.steps and is_main:
+        log.warning("%s: train.steps changed from %s to %s on resume; the warm-up and cosine schedule "
+                    "follow the new length from the resumed step on, so the learning rate jumps",
+                    run_dir, before, config.train.steps)
+
+
+def start_fresh(run_dir: Path, force: bool) -> None:
+    """Before a run that does not resume: with ``force`` clear DIR's earlier run; without, drop what
+    a run killed before its first checkpoint left that the new run would read as its own (the
+    clean-teacher cache, keyed by sample, not by teacher or config). Called once the new run's
+    config has built its models and data, so that a bad config deletes nothing."""
     import shutil
 
+    if not force:
+        shutil.rmtree(run_dir / "cache", ignore_errors=True)
+        return
     for name in ("checkpoints", "tensorboard", "cache"):
         shutil.rmtree(run_dir / name, ignore_errors=True)
     for name in (FINISHED_MARKER, "metrics.csv", "config.yaml", "run.json"):

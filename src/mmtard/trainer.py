@@ -34,7 +34,7 @@ from mmtard.factory import (autocast_dtype, build_dataset, build_method, build_s
 from mmtard.lora import merged_copy
 from mmtard.metrics import MetricsWriter
 from mmtard.models import export_open_clip
-from mmtard.runs import prepare_run_dir, write_run_info
+from mmtard.runs import prepare_run_dir, start_fresh, write_run_info
 from mmtard.speed import attention_kernel, check_attention_kernel
 from mmtard.teacher_cache import CleanTeacherCache
 
@@ -79,19 +79,32 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
 
 
 def epoch_indices(n: int, epoch: int, seed: int, env: DistEnv, micro: int) -> list[int]:
-    """This rank's sample order for one epoch: a seeded permutation, sharded, cut to whole batches.
-    Recomputable from (seed, epoch) alone, which is what makes the data position resumable.
+    """This rank's sample order for one epoch: a seeded permutation, cut into micro-batches, dealt
+    out to the ranks. Recomputable from (seed, epoch) alone, which makes the data position resumable.
 
-    The permutation is cut into micro-batches dealt round-robin to the ranks (micro-batch ``g``
-    goes to rank ``g % world``), so rank r's p-th micro-batch is global micro-batch ``p * world +
-    r``: a step of W ranks x A micro-batches covers exactly the W * A consecutive micro-batches a
-    single process with accumulation W * A would take, in the same compositions.
+    One global stream of micro-batches, whatever the number of ranks: each epoch's permutation is
+    cut into its ``n // micro`` whole micro-batches, the epochs follow one another, and global
+    micro-batch ``g`` goes to rank ``g % world``. Rank r's p-th micro-batch is therefore global
+    micro-batch ``p * world + r``: a step of W ranks x A micro-batches covers exactly the W * A
+    consecutive micro-batches a single process with accumulation W * A would take, in the same
+    compositions, in every epoch (an epoch's micro-batches need not divide evenly among the ranks).
     """
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(n, generator=generator).tolist()
-    span = micro * env.world_size
-    blocks = [order[i:i + micro] for i in range(0, n // span * span, micro)]
-    return [i for block in blocks[env.rank::env.world_size] for i in block]
+    per_epoch = n // micro
+    first = epoch * per_epoch  # global number of this epoch's first micro-batch
+    return [i for j in range(per_epoch) if (first + j) % env.world_size == env.rank
+            for i in order[j * micro:(j + 1) * micro]]
+
+
+def stream_start(position: int, n: int, env: DistEnv, micro: int) -> tuple[int, int]:
+    """Where rank ``env.rank``'s micro-batch number ``position`` lies: (epoch, micro-batches of this
+    rank before it in that epoch), for :func:`epoch_indices`."""
+    per_epoch = n // micro
+    number = position * env.world_size + env.rank  # its global number
+    epoch = number // per_epoch
+    first = epoch * per_epoch
+    return epoch, sum(1 for g in range(first, number) if g % env.world_size == env.rank)
 
 
 class Trainer:
@@ -108,7 +121,7 @@ class Trainer:
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.env.local_rank)
         self.show_progress = show_progress and self.env.is_main
-        # Rank 0 alone clears (--force) and inspects DIR, then tells every rank which checkpoint to
+        # Rank 0 alone inspects (and later clears) DIR, then tells every rank which checkpoint to
         # resume from: no rank races the clearing, and all load the same file (DIR is shared storage).
         self.resume_from = run_on_main(prepare_run_dir, self.run_dir, config, force=force)
         if self.env.is_main:
@@ -128,6 +141,8 @@ class Trainer:
         teachers = build_teachers(config, classnames, self.device)
         self.method = build_method(config, self.student, teachers, reference, self.amp)
         torch.manual_seed(config.train.seed + self.env.rank)
+        if self.resume_from is None:  # only now: a config that fails to build deletes nothing
+            run_on_main(start_fresh, self.run_dir, force)
         if config.train.clean_teacher_cache and not config.data.augment and teachers:
             self.method.clean_cache = CleanTeacherCache(self.run_dir / "cache" / "clean_teacher",
                                                         self.dataset.sample_ids, node=self.env.node)
@@ -181,6 +196,12 @@ class Trainer:
         self.student.load_state_dict(state["student"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # The loaded rate is the old schedule's; train.steps may have changed (the lambda is this
+        # run's), so the next step's rate comes from this run's schedule, as later steps' do.
+        scale = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * scale
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         self.method.load_state_dict_extra(state.get("method", {}))
         self.step, self.position = int(state["step"]), int(state["position"])
         self.elapsed = float(state.get("elapsed", 0.0))
@@ -203,8 +224,7 @@ class Trainer:
     def _batches(self):
         """Endless micro-batches starting at ``self.position``, epoch after epoch."""
         micro = self.plan.micro_batch
-        per_epoch = len(epoch_indices(len(self.dataset), 0, self.config.train.seed, self.env, micro)) // micro
-        epoch, offset = divmod(self.position, per_epoch)
+        epoch, offset = stream_start(self.position, len(self.dataset), self.env, micro)
         while True:
             indices = epoch_indices(len(self.dataset), epoch, self.config.train.seed, self.env, micro)[offset * micro:]
             # A private generator: creating the loader's iterator must not draw from the global
@@ -255,8 +275,10 @@ class Trainer:
                 self.step += 1
                 images_since_log += self.config.train.global_batch
                 bar.update(1)
-                is_log = self.step % self.config.train.log_every == 0 or self.step == total
                 is_ckpt = self.step % self.config.train.ckpt_every == 0 or self.step == total
+                # a row at every checkpoint too: no logged interval spans a checkpoint, so a resumed
+                # run's rows average the same steps as an uninterrupted run's
+                is_log = self.step % self.config.train.log_every == 0 or is_ckpt
                 if is_log or is_ckpt or self.step % check_every == 0:
                     self._raise_if_diverged(bad)
                 if is_log:
