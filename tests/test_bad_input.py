@@ -228,6 +228,16 @@ def test_run_folder_refusals(config_file, world_dir, tmp_path, capsys):
     (other / "checkpoints" / "step_00000001.pt").write_bytes(b"")
     save_config(load_config(config_file, tiny_overrides(world_dir, **{"train.lr": 0.5})), other / "config.yaml")
     _refused(capsys, _distill(config_file, other, world_dir), str(other), "different config")
+    (other / "config.yaml").unlink()
+    _refused(capsys, _distill(config_file, other, world_dir), str(other), "checkpoints but no config.yaml")
+
+
+def test_a_rank_started_without_torchrun_variables(config_file, world_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    _refused(capsys, _distill(config_file, tmp_path / "run", world_dir), "RANK is not set", "torchrun")
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    _refused(capsys, _distill(config_file, tmp_path / "run", world_dir), "WORLD_SIZE='two'", "integer")
 
 
 def test_damaged_checkpoint(config_file, world_dir, tmp_path, capsys):

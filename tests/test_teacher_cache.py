@@ -125,3 +125,25 @@ def test_files_of_another_dataset_or_layout_are_pointed_out(tmp_path, data, capl
     with caplog.at_level("WARNING"):
         CleanTeacherCache(tmp_path, IDS)
     assert "1 files" in caplog.text and "are not used; delete them" in caplog.text
+
+
+def test_a_replaced_teacher_file_never_reads_the_old_teachers_rows(tmp_path, data, caplog):
+    """Same run, same dataset, same path: a retrained teacher written over the old file (between two
+    sessions of a run) gets rows of its own; the old ones are reported as unused."""
+    from mmtard.teacher_cache import weights_digest
+
+    teacher, images = data
+    weights = tmp_path / "teacher.safetensors"
+    weights.write_bytes(b"old")
+    old = weights_digest("ViT-L-14", str(weights))
+    cache_dir = tmp_path / "cache"
+    CleanTeacherCache(cache_dir, IDS, teacher_weights=[old]).lookup(0, teacher, images[:2], torch.arange(2))
+    assert weights_digest("ViT-L-14", str(weights)) == old  # unchanged file: the same rows
+    weights.write_bytes(b"retrained")
+    new = weights_digest("ViT-L-14", str(weights))
+    assert new != old != weights_digest("ViT-B-32", str(weights))
+    with caplog.at_level("WARNING"):
+        retrained = CleanTeacherCache(cache_dir, IDS, teacher_weights=[new])
+    assert "2 files (0.00 GiB) belong to another dataset, teacher or an older layout" in caplog.text
+    retrained.lookup(0, teacher, images[:2], torch.arange(2))
+    assert retrained.misses == 2 and retrained.hits == 0

@@ -60,9 +60,22 @@ def timeout_seconds() -> float:
     return value
 
 
+def _env_int(name: str, default: str | None = None) -> int:
+    """An integer torchrun sets in the environment; a missing or malformed one is named (a process
+    started by hand with WORLD_SIZE but no RANK would otherwise fail with a bare KeyError)."""
+    text = os.environ.get(name, default)
+    if text is None:
+        raise ConfigError(f"{name} is not set although WORLD_SIZE={os.environ.get('WORLD_SIZE')}: launch the "
+                          "ranks with torchrun, which sets RANK, LOCAL_RANK and WORLD_SIZE")
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r}: expected an integer (torchrun sets it)") from None
+
+
 def env_world_size() -> int:
     """The number of ranks torchrun launched (1 without torchrun), known before joining the group."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return _env_int("WORLD_SIZE", "1")
 
 
 def node_index(rank: int) -> int:
@@ -84,7 +97,7 @@ def init_distributed(device_type: str, timeout_s: float | None = None) -> DistEn
     if world_size <= 1:
         return DistEnv()
     timeout_s = timeout_seconds() if timeout_s is None else timeout_s
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK", "0")
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":

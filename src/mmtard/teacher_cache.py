@@ -4,8 +4,10 @@ A frozen teacher's output on a fixed image never changes, so once a sample has b
 teacher's forward pass (a large ViT-L in the paper) is replaced by a read from a memory-mapped
 file. Only valid when the training images are not augmented (the trainer checks this).
 
-One pair of files per teacher and per machine (``teacher<i>-node<n>-<samples>.f32`` and ``.mask``,
-``<samples>`` a digest of the dataset's sample ids, so another dataset never reads these rows):
+One pair of files per teacher and per machine (``teacher<i>-<weights>-node<n>-<samples>.f32`` and
+``.mask``; ``<samples>`` a digest of the dataset's sample ids, so another dataset never reads these
+rows, and ``<weights>`` one of the teacher's weights, so a teacher file replaced between two
+sessions of a run never has the old teacher's rows read as its own):
 every rank of a node reads and writes the same rows. Each epoch deals the samples out to the ranks
 afresh, so with a cache per rank a rank would meet most samples for the first time in every one
 of the first epochs (with 8 ranks, a per-rank cache is half full after 5 epochs); shared, the
@@ -47,6 +49,17 @@ def samples_digest(sample_ids: Sequence[str]) -> str:
         digest.update(sample_id.encode("utf-8", "surrogateescape"))
         digest.update(b"\0")
     return digest.hexdigest()[:12]
+
+
+def weights_digest(name: str, pretrained: str | None) -> str:
+    """A short digest of where a teacher's weights come from: its architecture and weights source,
+    and for a local file its size and modification time (a retrained teacher written to the same
+    path changes them; reading the whole file would cost a ViT-L's worth of disk per start)."""
+    key = f"{name}|{pretrained}"
+    if pretrained and Path(pretrained).is_file():
+        stat = Path(pretrained).stat()
+        key += f"|{stat.st_size}|{stat.st_mtime_ns}"
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:8]
 
 
 def _create_once(path: Path, nbytes: int) -> None:
@@ -102,8 +115,12 @@ class CleanTeacherCache(TeacherEmbeddingCache):
     """Clean-teacher embeddings of one dataset, one memory-mapped table per teacher, shared by the
     ranks of node ``node``; rows are filled on first sight and read afterwards."""
 
-    def __init__(self, folder: str | Path, sample_ids: Sequence[str], node: int = 0):
+    def __init__(self, folder: str | Path, sample_ids: Sequence[str], node: int = 0,
+                 teacher_weights: Sequence[str] = ()):
+        """``teacher_weights``: per teacher index, a :func:`weights_digest` (indices without one
+        are keyed by sample ids alone)."""
         self.folder = Path(folder)
+        self.teacher_weights = list(teacher_weights)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.num_samples = len(sample_ids)
         self.samples = samples_digest(sample_ids)
@@ -115,17 +132,21 @@ class CleanTeacherCache(TeacherEmbeddingCache):
         self._warn_stale_files()
 
     def _warn_stale_files(self) -> None:
-        """Cache files of another dataset (or of the per-rank layout of earlier versions) are never
+        """Cache files of another dataset or teacher (or of the layouts of earlier versions) are never
         read again; say how much disk they hold rather than leave them unnoticed."""
-        stale = [f for f in self.folder.glob("teacher*") if f"-{self.samples}." not in f.name]
+        current = tuple(f"teacher{i}-{w}-" for i, w in enumerate(self.teacher_weights))
+        stale = [f for f in self.folder.glob("teacher*")
+                 if f"-{self.samples}." not in f.name or (current and not f.name.startswith(current))]
         if stale:
             gib = sum(f.stat().st_size for f in stale) / 2**30
-            log.warning("clean-teacher cache %s: %d files (%.2f GiB) belong to another dataset or an older "
+            log.warning("clean-teacher cache %s: %d files (%.2f GiB) belong to another dataset, teacher or an older "
                         "layout and are not used; delete them to free the space", self.folder, len(stale), gib)
 
     def _table(self, teacher_index: int, dim: int) -> tuple[np.memmap, np.memmap]:
         if teacher_index not in self._tables:
-            stem = self.folder / f"teacher{teacher_index}-node{self.node}-{self.samples}"
+            weights = (f"-{self.teacher_weights[teacher_index]}" if teacher_index < len(self.teacher_weights)
+                       else "")
+            stem = self.folder / f"teacher{teacher_index}{weights}-node{self.node}-{self.samples}"
             values = _open(stem.with_suffix(".f32"), np.float32, (self.num_samples, dim))
             mask = _open(stem.with_suffix(".mask"), np.bool_, (self.num_samples,))
             self._unmask_unwritten(values, mask)

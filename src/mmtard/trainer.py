@@ -36,7 +36,7 @@ from mmtard.metrics import MetricsWriter
 from mmtard.models import export_open_clip
 from mmtard.runs import prepare_run_dir, start_fresh, write_run_info
 from mmtard.speed import attention_kernel, check_attention_kernel
-from mmtard.teacher_cache import CleanTeacherCache
+from mmtard.teacher_cache import CleanTeacherCache, weights_digest
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +144,10 @@ class Trainer:
         if self.resume_from is None:  # only now: a config that fails to build deletes nothing
             run_on_main(start_fresh, self.run_dir, force)
         if config.train.clean_teacher_cache and not config.data.augment and teachers:
+            weights = [weights_digest(t.name, t.pretrained) for t in config.teachers]
             self.method.clean_cache = CleanTeacherCache(self.run_dir / "cache" / "clean_teacher",
-                                                        self.dataset.sample_ids, node=self.env.node)
+                                                        self.dataset.sample_ids, node=self.env.node,
+                                                        teacher_weights=weights)
         self.trainable = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=config.train.lr, weight_decay=config.train.weight_decay,
                                            **({"fused": True} if self.device.type == "cuda" else {}))
