@@ -157,5 +157,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         cuda = state["cuda"]
-        # checkpoints of earlier versions hold a list with one state per visible GPU
-        torch.cuda.set_rng_state(cuda[min(torch.cuda.current_device(), len(cuda) - 1)] if isinstance(cuda, list) else cuda)
+        if isinstance(cuda, list):  # checkpoints of earlier versions: one state per visible GPU
+            cuda = cuda[min(torch.cuda.current_device(), len(cuda) - 1)]
+        torch.cuda.set_rng_state(cuda)

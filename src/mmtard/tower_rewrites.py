@@ -10,12 +10,13 @@ place to the method's :func:`image_towers`, before ``torch.compile``, so compile
   NCHW-to-NHWC copies around it and, above all, the input gradient every PGD iteration needs) in
   31 ms of a 186 ms compiled step on an H200 (``--profile`` of ``benchmarks/step_throughput.py``);
   with the product that step ran 20 % faster.
-* :func:`class_token_last_block` (``train.last_block: class_token``): the last transformer block computes the
-  class token alone. A ViT that pools its class token reads nothing else from the last block, yet
-  open_clip computes all L tokens there: per remaining token the query projection, the attention
-  output projection and the MLP, about 5/6 of the block's matrix products. Skipping them is
-  1/depth x 5/6 of a tower's work: about 7 % of a ViT-B-32 (12 blocks), forward and backward, so
-  of all ten PGD iterations, and 3.5 % of a ViT-L-14 teacher.
+* :func:`class_token_last_block` (``train.last_block: class_token``): the last transformer block
+  computes the class token alone. A ViT that pools its class token reads nothing else from the
+  last block, yet open_clip computes all L tokens there: per remaining token the query
+  projection, the attention output projection and the MLP, about 5/6 of the block's matrix
+  products. Skipping them is about 1/depth x 5/6 of a tower's work; counted by torch's FLOP
+  counter, 6.7 % of a ViT-B-32 (12 blocks), forward and backward, so of all ten PGD iterations,
+  and 3.4 % of a ViT-L-14 teacher (``benchmarks/tower_passes.py``).
 """
 
 from __future__ import annotations
