@@ -249,9 +249,8 @@ def reference_step_fn(student, clean_t, robust_t, orig_t, args, device):
             s_logits, _ = logits_and_embed(student, x_adv)
             loss = F.kl_div(F.log_softmax(s_logits, dim=1), p_clean, reduction="sum")
             (grad,) = torch.autograd.grad(loss, x_adv)
-            grad = grad / grad.abs().mean(dim=(1, 2, 3), keepdim=True)
-            momentum = 0.9 * momentum + grad
-            x_adv = x_adv.detach() + alpha * momentum.sign()
+            momentum = (0.9 * momentum + grad.sign()).sign()  # the release's (RobustVLM's) momentum rule
+            x_adv = x_adv.detach() + alpha * momentum
             x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
         student.train()
         with torch.no_grad():

@@ -201,3 +201,19 @@ def test_pgd_restores_mode_when_loss_raises(classifier, batch):
         pgd(broken, x, PGDConfig(steps=1), model=classifier)
     assert classifier.training
     classifier.eval()
+
+
+def test_momentum_follows_the_release_rule_on_the_sign_normalised_gradient():
+    """RobustVLM's PGD, which the release trains with: g = sign(grad), v = sign(0.9 v + g), step
+    along v. Two steps with gradients (10, 1) then (-1, -10) come back to the start; momentum on the
+    raw or L1-normalised gradient would not (its second step keeps +1 in the first pixel)."""
+    gradients = iter([torch.tensor([[10.0, 1.0]]), torch.tensor([[-1.0, -10.0]])])
+
+    def linear_loss(x_adv):
+        return (x_adv * next(gradients)).sum(1)
+
+    x = torch.full((1, 2), 0.5)
+    cfg = PGDConfig(eps=0.1, step_size=0.01, steps=2, random_start=False, momentum=0.9)
+    torch.testing.assert_close(pgd(linear_loss, x, cfg), x)
+    gradients = iter([torch.tensor([[10.0, 1.0]]), torch.tensor([[0.0, -10.0]])])  # a vanishing gradient
+    torch.testing.assert_close(pgd(linear_loss, x, cfg), x + torch.tensor([[0.02, 0.0]]))  # keeps its way

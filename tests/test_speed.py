@@ -157,7 +157,9 @@ def test_compiled_attack_in_the_trainer_gives_the_eager_loss(world_dir, tmp_path
     graphs: list = []
     trainer.method.attack_iteration = compile_attack_iteration(backend=_counting_backend(graphs))
     compiled = _method_loss(trainer, batch)
-    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
+    # rtol 1e-3: each step follows sign(grad), and a pixel whose gradient is ~0 can take the other
+    # sign when the two gradient computations round differently (FARE: 1.2e-4 here)
+    torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-6)
     for _ in range(2):
         sums = trainer._train_step(iter([batch]), {})
         assert torch.isfinite(sums["loss"])

@@ -3,8 +3,8 @@
 Evaluation does not use this module: it goes through the official AutoAttack
 (:mod:`mmtard.autoattack`). Training needs something cheaper and more flexible: any
 differentiable loss of the student's outputs (KL to a teacher for MMT-ARD, CE for TeCoA, an
-embedding distance for FARE), random start, and the release's momentum on the normalised gradient
-(METHOD.md §2).
+embedding distance for FARE), random start, and the release's momentum on the sign-normalised
+gradient (METHOD.md §2).
 """
 
 from __future__ import annotations
@@ -124,20 +124,25 @@ def _amp(device: torch.device, autocast_dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=autocast_dtype)
 
 
+def _unit_direction(t: torch.Tensor, norm: str) -> torch.Tensor:
+    """The steepest-ascent direction of unit size in ``norm``: the sign for L-inf, the per-sample
+    L2-normalised vector for L2."""
+    return t.sign() if norm == "linf" else t / _per_sample_norm(t, 2)
+
+
 def _ascent(delta: torch.Tensor, velocity: torch.Tensor, grad: torch.Tensor, x: torch.Tensor,
             cfg: PGDConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The update that follows a gradient: momentum, step, projection (shared by both iterations)."""
+    """The update that follows a gradient: momentum, step, projection (shared by both iterations).
+
+    With momentum, the release's rule (its PGD is RobustVLM's): the gradient is normalised (sign
+    for L-inf), added to the momentum-scaled velocity, and the sum normalised again; the step is
+    that velocity times the step size. For L-inf this steps along sign(grad) wherever the gradient
+    is non-zero and keeps the previous direction where it vanishes."""
+    direction = _unit_direction(grad, cfg.norm)
     if cfg.momentum > 0:
-        # Release: momentum on the L1-normalised gradient, then the usual sign step.
-        velocity = cfg.momentum * velocity + grad / _per_sample_norm(grad, 1) * grad[0].numel()
+        velocity = _unit_direction(cfg.momentum * velocity + direction, cfg.norm)
         direction = velocity
-    else:
-        direction = grad
-    if cfg.norm == "linf":
-        step = cfg.step_size * direction.sign()
-    else:
-        step = cfg.step_size * direction / _per_sample_norm(direction, 2)
-    return _project(delta + step, x, cfg), velocity
+    return _project(delta + cfg.step_size * direction, x, cfg), velocity
 
 
 def pgd_iteration(loss_fn: LossFn, x: torch.Tensor, delta: torch.Tensor, velocity: torch.Tensor,

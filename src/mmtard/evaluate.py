@@ -42,6 +42,7 @@ from mmtard.results import (
     SCHEMA_VERSION,
     load_results,
     now_iso,
+    same_evaluation,
     sanity_checks,
     sorted_eps,
     validate_results,
@@ -421,16 +422,6 @@ def _head(classifier, model: ModelEntry, entry: DatasetEntry, out_dir: Path) -> 
                         fingerprint=getattr(classifier, "text_fingerprint", None))
 
 
-def _same_evaluation(old: dict, new: dict) -> bool:
-    """Whether two rows of results.json come from the same model and attack (radii aside: adding
-    an eps to a row is a legitimate extension)."""
-    def core(row: dict) -> tuple:
-        attack = {k: v for k, v in row.get("attack", {}).items() if k != "eps"}
-        return row.get("arch"), row.get("weights"), json.dumps(attack, sort_keys=True)
-    same_file = "weights_file" not in old or old["weights_file"] == new.get("weights_file")
-    return core(old) == core(new) and same_file
-
-
 def _write_results(out_dir: Path, rows: dict, spec: AttackSpec, eps: list[float], warnings_seen: list[str]) -> dict:
     path = out_dir / RESULTS_NAME
     if path.is_file():  # rows and datasets evaluated earlier into the same folder stay; this run's win
@@ -442,7 +433,7 @@ def _write_results(out_dir: Path, rows: dict, spec: AttackSpec, eps: list[float]
             for row, entry in old["models"].items():
                 if row not in rows:
                     rows[row] = entry
-                elif _same_evaluation(entry, rows[row]):
+                elif same_evaluation(entry, rows[row]):
                     rows[row]["datasets"] = {**entry["datasets"], **rows[row]["datasets"]}
                     rows[row]["average"] = zeroshot_average(rows[row]["datasets"])
                 else:

@@ -243,19 +243,29 @@ def _attack_core(attack: dict) -> dict:
     return {k: attack.get(k) for k in ("name", "iterations", "norm", "n_target_classes", "restarts", "version")}
 
 
+def same_evaluation(old: dict, new: dict) -> bool:
+    """Whether two rows of results come from the same model and attack (radii aside: adding an eps
+    to a row is a legitimate extension), so that their datasets may share one row."""
+    def core(row: dict) -> tuple:
+        attack = {k: v for k, v in row.get("attack", {}).items() if k != "eps"}
+        return row.get("arch"), row.get("weights"), json.dumps(attack, sort_keys=True)
+    same_file = "weights_file" not in old or old["weights_file"] == new.get("weights_file")
+    return core(old) == core(new) and same_file
+
+
 def _merge_row(merged: dict, row: str, entry: dict, attack: dict, source: str) -> None:
+    incoming = {k: v for k, v in entry.items() if k not in ("datasets", "average")}
+    incoming.setdefault("attack", dict(attack))
     target = merged["models"].get(row)
-    if target is None:
-        target = {k: v for k, v in entry.items() if k not in ("datasets", "average")}
-        target.setdefault("attack", dict(attack))
-        target["datasets"] = {}
-        merged["models"][row] = target
-    elif (target["arch"], target["weights"]) != (entry["arch"], entry["weights"]):
+    if target is not None and not same_evaluation(target, incoming):
         merged["warnings"].append(
-            f"merge: row {row!r} is {entry['arch']} / {entry['weights']} in {source} but "
-            f"{target['arch']} / {target['weights']} before; the later file's datasets replace the earlier ones"
-        )
-        target.update({k: v for k, v in entry.items() if k not in ("datasets", "average")})
+            f"merge: row {row!r} in {source} is {incoming['arch']} / {incoming['weights']} attacked with "
+            f"{_attack_core(incoming['attack'])}, another model or attack than before; its earlier results on "
+            f"{', '.join(sorted(target['datasets'])) or 'no dataset'} are dropped, not mixed in")
+        target = None
+    if target is None:
+        target = {**incoming, "datasets": {}}
+        merged["models"][row] = target
     for name, ds in entry["datasets"].items():
         if name in target["datasets"]:
             merged["warnings"].append(f"merge: {row}/{name} appears twice; the later file ({source}) wins")
