@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from mmtard.errors import ModelError
-from mmtard.lora import add_lora, has_lora, merged_copy
+from mmtard.lora import ProjectedAttention, add_lora, has_lora, merged_copy
 from mmtard.models import (
     CLIPClassifier,
     ModelSpec,
@@ -303,16 +303,14 @@ def test_lora_trains_adapters_only_and_merges_exactly(name):
         if not key.startswith("visual."):
             assert torch.equal(merged_state[key], value), key
     lora_base = {
-        k.replace("visual.base_model.model.", "visual.").replace(".base_layer", ""): v
+        k.replace("visual.base_model.model.", "visual.").replace(".base_layer", "")
+         .replace(".in_proj.weight", ".in_proj_weight").replace(".in_proj.bias", ".in_proj_bias"): v
         for k, v in clip.state_dict().items()
         if "lora_" not in k
     }
     assert set(lora_base) == plain_keys
-    for key, value in base_before.items():
-        # peft's nn.MultiheadAttention LoRA merges the adapter into in_proj_weight for each forward and
-        # subtracts it again, so the base weight drifts by float rounding (~1 ulp) -- not by training,
-        # which with this lr and weight decay would move it by ~1e-3.
-        torch.testing.assert_close(lora_base[key], value, rtol=0, atol=1e-6, msg=key)
+    for key, value in base_before.items():  # the frozen base, bit for bit
+        assert torch.equal(lora_base[key], value), key
 
     clip.eval()
     merged.eval()
@@ -330,3 +328,43 @@ def test_lora_trains_adapters_only_and_merges_exactly(name):
     # Merged weights load strictly into a plain open_clip model.
     plain = open_clip.create_model(name)
     plain.load_state_dict(merged_state, strict=True)
+
+
+def test_projected_attention_is_the_multihead_attention_it_replaces():
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+    projected = ProjectedAttention(mha)
+    x = torch.randn(3, 7, 16)
+    torch.testing.assert_close(projected(x, x, x)[0], mha(x, x, x, need_weights=False)[0], rtol=1e-5, atol=1e-6)
+    # one query set against all tokens (the class-token last block), and masks of both kinds
+    q = x[:, :1]
+    torch.testing.assert_close(projected(q, x, x)[0], mha(q, x, x, need_weights=False)[0], rtol=1e-5, atol=1e-6)
+    blocked = torch.rand(7, 7) > 0.7
+    blocked.fill_diagonal_(False)
+    additive = torch.randn(3 * 4, 7, 7)
+    for mask in (blocked, additive):
+        torch.testing.assert_close(projected(x, x, x, attn_mask=mask)[0],
+                                   mha(x, x, x, need_weights=False, attn_mask=mask)[0], rtol=1e-5, atol=1e-6)
+    back = projected.to_multihead()
+    torch.testing.assert_close(back(x, x, x, need_weights=False)[0], mha(x, x, x, need_weights=False)[0])
+    assert set(back.state_dict()) == set(mha.state_dict())
+
+
+def test_lora_dropout_acts_in_train_mode_only():
+    """METHOD.md §7: dropout 0.1 on the adapted qkv and output projections. peft's own LoRA for
+    nn.MultiheadAttention merged the adapters and never ran its dropout."""
+    def outputs(dropout, train):
+        torch.manual_seed(0)
+        clip = _clip()
+        add_lora(clip, rank=4, alpha=4, dropout=dropout)
+        for name, parameter in clip.visual.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter)  # adapters that change the output
+        clip.visual.train(train)
+        x = torch.rand(2, 3, 32, 32)
+        return clip.encode_image(x), clip.encode_image(x)
+
+    first, second = outputs(0.5, train=True)
+    assert not torch.allclose(first, second)
+    assert torch.equal(*outputs(0.5, train=False))
+    assert torch.equal(*outputs(0.0, train=True))

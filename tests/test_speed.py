@@ -173,8 +173,17 @@ def test_train_compile_attack_switch(world_dir, tmp_path):
     assert all(t._compiled_call_impl is None for t in image_towers(on.method))  # towers: train.compile
     off = Trainer(load_config(None, _overrides(world_dir)), tmp_path / "off", show_progress=False)
     assert off.method.attack_iteration is pgd_iteration
-    with pytest.raises(ConfigError, match="train.compile_attack cannot be combined with train.lora"):
-        load_config(None, _overrides(world_dir, **{"train.compile_attack": "true", "train.lora": "true"}))
+
+
+def test_compiled_attack_with_a_lora_student_gives_the_eager_loss(world_dir, tmp_path):
+    """LoRA adapts nn.Linear projections (mmtard.lora.ProjectedAttention), nothing merged in place:
+    the whole PGD iteration traces into one graph with the adapters in it."""
+    trainer, batch = _fp32_trainer(world_dir, tmp_path / "run", **{"train.lora": "true"})
+    eager = _method_loss(trainer, batch)
+    graphs: list = []
+    trainer.method.attack_iteration = compile_attack_iteration(backend=_counting_backend(graphs))
+    torch.testing.assert_close(_method_loss(trainer, batch), eager, rtol=1e-4, atol=1e-6)
+    assert len(graphs) == 1 and torch.isfinite(trainer._train_step(iter([batch]), {})["loss"])
 
 
 @pytest.mark.parametrize("size", [(16, 16), (18, 21)])  # the second: a partial patch dropped, as conv does

@@ -330,10 +330,6 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.last_block: '{train.last_block}' is not one of {', '.join(LAST_BLOCKS)}")
     if train.attention not in ATTENTION_KERNELS:
         raise ConfigError(f"train.attention: '{train.attention}' is not one of {', '.join(ATTENTION_KERNELS)}")
-    if train.compile_attack and train.lora:
-        raise ConfigError("train.compile_attack cannot be combined with train.lora: peft's LoRA on "
-                          "nn.MultiheadAttention merges its weights in place at every forward, which a single "
-                          "compiled graph cannot contain; turn one of them off")
     METHODS[method.name].check_config(config)
 
 
