@@ -368,3 +368,29 @@ def test_lora_dropout_acts_in_train_mode_only():
     assert not torch.allclose(first, second)
     assert torch.equal(*outputs(0.5, train=False))
     assert torch.equal(*outputs(0.0, train=True))
+
+
+def test_a_weights_file_keeps_its_models_normalisation(tmp_path, monkeypatch, caplog):
+    """Mean/std travel in the exported file's metadata; a file without them takes the statistics
+    all of its architecture's pretrained tags agree on, else open_clip's default (OpenAI's)."""
+    register_tiny_models()
+    half = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    siglip_like = open_clip.create_model(TINY, force_preprocess_cfg=half)
+    export_open_clip(siglip_like, tmp_path / "student.safetensors")
+    loaded = create_clip(ModelSpec(TINY, str(tmp_path / "student.safetensors")))
+    assert preprocess_stats(loaded)[:2] == (half["mean"], half["std"])
+
+    save_file(siglip_like.state_dict(), str(tmp_path / "bare.safetensors"))  # no metadata
+    assert preprocess_stats(create_clip(ModelSpec(TINY, str(tmp_path / "bare.safetensors"))))[:2] == (
+        open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
+    tags = {"a": half, "b": half}
+    monkeypatch.setattr(open_clip, "list_pretrained_tags_by_model", lambda name: list(tags))
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda name, tag: tags[tag])
+    assert preprocess_stats(create_clip(ModelSpec(TINY, str(tmp_path / "bare.safetensors"))))[:2] == (
+        half["mean"], half["std"])
+    tags["b"] = {"mean": (0.4, 0.4, 0.4), "std": (0.2, 0.2, 0.2)}  # tags that disagree: the default, said once
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            stats = preprocess_stats(create_clip(ModelSpec(TINY, str(tmp_path / "bare.safetensors"))))
+    assert stats[:2] == (open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
+    assert caplog.text.count("normalise with different mean/std") == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import json
 import logging
 import os
 import pickle
@@ -164,7 +165,8 @@ def create_clip(spec: ModelSpec, device: str | torch.device = "cpu") -> nn.Modul
     name, pretrained = spec.name, (str(spec.pretrained) if spec.pretrained else None)
     _check_model_name(name)
     if pretrained and _is_weight_file(pretrained):
-        model = open_clip.create_model(name, pretrained=None, device="cpu")
+        preprocess = _file_preprocess(Path(pretrained)) or _architecture_preprocess(name)
+        model = open_clip.create_model(name, pretrained=None, device="cpu", force_preprocess_cfg=preprocess)
         _load_state_into(model, load_weights_file(pretrained), pretrained, name)
     elif pretrained or name.startswith("hf-hub:"):
         if pretrained and pretrained not in open_clip.list_pretrained_tags_by_model(name):
@@ -189,6 +191,47 @@ def create_clip(spec: ModelSpec, device: str | torch.device = "cpu") -> nn.Modul
     else:
         model = open_clip.create_model(name, pretrained=None, device="cpu")
     return model.to(device).eval()
+
+
+#: safetensors metadata key under which :func:`export_open_clip` records the model's normalisation
+PREPROCESS_METADATA = "mmtard.preprocess"
+_warned_architectures: set[str] = set()
+
+
+def _file_preprocess(path: Path) -> dict | None:
+    """The mean/std :func:`export_open_clip` wrote into a safetensors file, if any."""
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            text = (handle.metadata() or {}).get(PREPROCESS_METADATA)
+        return json.loads(text) if text else None
+    except Exception as exc:  # a damaged file is reported by the load itself, naming it
+        log.debug("no preprocessing metadata in %s: %s", path, exc)
+        return None
+
+
+def _architecture_preprocess(name: str) -> dict | None:
+    """The mean/std every pretrained tag of ``name`` uses, when they agree (a SigLIP's 0.5, a
+    CLIPA's ImageNet statistics). A weights file without mmtard's metadata says nothing of its
+    normalisation, and open_clip alone would give it OpenAI's. When the tags disagree, OpenAI's
+    (open_clip's default) stays, and the choice is logged once."""
+    stats = set()
+    for tag in open_clip.list_pretrained_tags_by_model(name):
+        cfg = open_clip.get_pretrained_cfg(name, tag)
+        if cfg.get("mean") and cfg.get("std"):
+            stats.add((tuple(cfg["mean"]), tuple(cfg["std"])))
+    if len(stats) == 1:
+        mean, std = stats.pop()
+        return {"mean": mean, "std": std}
+    if len(stats) > 1 and name not in _warned_architectures:
+        _warned_architectures.add(name)
+        log.warning("%s: its pretrained tags normalise with different mean/std (%s); a weights file without "
+                    "mmtard's metadata is normalised with open_clip's default, OpenAI's", name,
+                    "; ".join(f"mean {m} std {s}" for m, s in sorted(stats)))
+    return None
 
 
 def preprocess_stats(clip: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...], tuple[int, int]]:
@@ -295,8 +338,10 @@ def export_open_clip(clip: nn.Module, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in clip.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
+    mean, std, _ = preprocess_stats(clip)  # read back by create_clip: a SigLIP student stays a SigLIP
+    metadata = {PREPROCESS_METADATA: json.dumps({"mean": mean, "std": std})}
     try:
-        save_file(state, str(tmp))
+        save_file(state, str(tmp), metadata=metadata)
         durable_replace(tmp, path)
     except Exception as exc:  # OSError (disk full) or safetensors' own error type
         tmp.unlink(missing_ok=True)
