@@ -419,3 +419,16 @@ def test_ranks_share_one_stream_of_micro_batches_over_epochs(world):
         for position in range(len(blocks)):
             epoch, offset = stream_start(position, n, env, micro)
             assert epoch_indices(n, epoch, seed, env, micro)[offset * micro:][:micro] == blocks[position]
+
+
+def test_grad_clip_zero_turns_clipping_off(world_dir, tmp_path):
+    """0 means no clipping: torch's clip_grad_norm_ with max_norm 0 would zero every gradient, and
+    without weight decay the step would then move nothing."""
+    overrides = tiny_overrides(world_dir, steps=1, **{"train.grad_clip": 0, "train.weight_decay": 0,
+                                                      "attack.steps": 0})
+    trainer = Trainer(load_config(None, overrides), tmp_path / "run", show_progress=False)
+    before = [p.detach().clone() for p in trainer.trainable]
+    trainer.train()
+    assert max(float((p.detach() - b).abs().max()) for p, b in zip(trainer.trainable, before)) > 1e-4
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert float(rows[0]["grad_norm"]) > 0

@@ -129,7 +129,7 @@ class TrainConfig:
     lr: float = 2e-5
     weight_decay: float = 1e-4
     warmup_frac: float = 0.07
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"

@@ -322,7 +322,10 @@ class Trainer:
             for key, value in self._step_terms(out, images, labels).items():
                 sums[key] = sums.get(key, 0.0) + value / self.plan.accumulation
                 bad[key] = bad.get(key, torch.zeros((), dtype=torch.bool, device=self.device)) | ~torch.isfinite(value)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.config.train.grad_clip)
+        # train.grad_clip <= 0: no clipping (the norm is still logged); clip_grad_norm_ with max_norm 0
+        # would scale every gradient to zero
+        max_norm = self.config.train.grad_clip if self.config.train.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
         bad["gradients"] = bad.get("gradients", torch.zeros((), dtype=torch.bool, device=self.device)) | ~torch.isfinite(grad_norm)
         self.optimizer.step()
         self.method.after_step()
