@@ -412,3 +412,10 @@ def test_a_record_from_before_image_sizes_were_stored(tmp_path):
                 _open_record(path, fresh)
         else:
             assert _open_record(path, fresh)["image_size"] == 32
+
+
+def test_an_empty_set_is_refused_by_name(tmp_path):
+    """Zero samples would be reported as 0 % clean and pull the zero-shot averages down."""
+    with pytest.raises(DataError, match="dataset 'patterns' has no samples"):
+        run_eval([ModelEntry("random", TINY)], [_entry(0)], ["1/255"], AttackSpec(name="pgd", iterations=1),
+                 n_samples=None, out_dir=tmp_path, progress=False)

@@ -133,3 +133,35 @@ def test_eps_table_marks_rows_attacked_differently_and_rows_without_zero_shot_se
                       "2/255")
     assert "| model | attack |" in mixed and "| a | apgd/100it/?/-t/-r |" in mixed and "| b | pgd/10it/?/-t/-r |" in mixed
     assert "50.0° | 20.0° |" in mixed and "° no zero-shot set: mean over all of the row's sets" in mixed
+
+
+def test_merging_a_row_of_other_weights_or_another_attack_replaces_it_whole():
+    """The same row name with other weights (or another attack) in a later file is another model:
+    its earlier datasets are dropped with a warning, never shown under the new weights."""
+    from mmtard.results import merge_results
+
+    first = _results({"m": _row({"cifar10": _dataset(10.0, [5.0, 4.0, 3.0]), "dtd": _dataset(40.0, [9.0, 8.0, 7.0])},
+                                weights="old.safetensors")})
+    newer = _results({"m": _row({"cifar10": _dataset(20.0, [6.0, 5.0, 4.0])}, weights="new.safetensors")})
+    merged = merge_results([first, newer])
+    assert merged["models"]["m"]["weights"] == "new.safetensors"
+    assert set(merged["models"]["m"]["datasets"]) == {"cifar10"} and merged["models"]["m"]["average"]["clean"] == 20.0
+    assert any("earlier results on cifar10, dtd are dropped" in w for w in merged["warnings"])
+    pgd = _results({"m": _row({"dtd": _dataset(30.0, [9.0, 8.0, 7.0])}, weights="new.safetensors")})
+    pgd["attack"] = {**pgd["attack"], "name": "pgd", "iterations": 10}
+    merged = merge_results([newer, pgd])
+    assert set(merged["models"]["m"]["datasets"]) == {"dtd"} and merged["models"]["m"]["attack"]["name"] == "pgd"
+    same = merge_results([newer, _results({"m": _row({"dtd": _dataset(30.0, [9.0, 8.0, 7.0])},
+                                                      weights="new.safetensors")})])
+    assert set(same["models"]["m"]["datasets"]) == {"cifar10", "dtd"}  # same model and attack: one row
+
+
+def test_training_runs_with_the_same_folder_name_get_a_figure_each(inputs, tmp_path):
+    import shutil
+
+    runs = [tmp_path / "a" / "seed0", tmp_path / "b" / "seed0"]
+    for run in runs:
+        shutil.copytree(inputs[2], run)
+    text = run_report(runs, tmp_path / "out").read_text()
+    assert "training_seed0-1.png" in text and "training_seed0-2.png" in text
+    assert f"### seed0 ({runs[0]})" in text and f"### seed0 ({runs[1]})" in text

@@ -97,6 +97,8 @@ def _new_record(
     from mmtard.data import subsample_indices
 
     ds = entry.dataset
+    if len(ds) == 0:  # would be reported as 0 % clean and pull every average down
+        raise DataError(f"dataset {entry.name!r} has no samples to evaluate")
     indices = subsample_indices(len(ds), len(ds) if n_samples is None else n_samples, seed)
     ids = getattr(ds, "sample_ids", None)
     return {

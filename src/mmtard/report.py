@@ -311,14 +311,17 @@ def run_report(inputs: Sequence[str | Path], out_dir: str | Path) -> Path:
     notes: list[str] = []
     if runs:
         lines += ["## Training", ""]
-        for run in runs:
-            name = _safe_name(run.resolve().name)
+        names = [_safe_name(run.resolve().name) for run in runs]
+        for index, (run, name) in enumerate(zip(runs, names)):
+            heading = run.name
+            if names.count(name) > 1:  # runs/a/seed0 and runs/b/seed0: a figure and a heading each
+                name, heading = f"{name}-{index + 1}", f"{run.name} ({run})"
             try:
                 figure = plot_training(read_metrics(run), run.name, out_dir / f"training_{name}.png")
             except DataError as exc:
                 notes.append(str(exc))
                 continue
-            lines += [f"### {run.name}", "", f"![training {run.name}]({figure.name})", ""]
+            lines += [f"### {heading}", "", f"![training {heading}]({figure.name})", ""]
     lines += _sanity_section(results, notes)
     path = out_dir / REPORT_NAME
     tmp = path.with_name(f".{path.name}.tmp")
