@@ -165,3 +165,17 @@ def test_training_runs_with_the_same_folder_name_get_a_figure_each(inputs, tmp_p
     text = run_report(runs, tmp_path / "out").read_text()
     assert "training_seed0-1.png" in text and "training_seed0-2.png" in text
     assert f"### seed0 ({runs[0]})" in text and f"### seed0 ({runs[1]})" in text
+
+
+def test_l2_radii_are_plotted_as_they_are(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from mmtard.report import plot_accuracy_vs_eps
+
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    ds = {"set": {"n": 10, "clean": 50.0, "robust": {"0.5": 20.0}, "kind": "zeroshot"}}
+    for norm, expected in (("l2", ([0.0, 0.5], "eps")), ("linf", ([0.0, 127.5], "eps (x/255)"))):
+        plot_accuracy_vs_eps({"m": {"attack": {"norm": norm}, "datasets": ds, "average": {}}}, tmp_path / "f.png")
+        ax = figures[-1].axes[0]
+        assert (list(ax.lines[0].get_xdata()), ax.get_xlabel()) == expected

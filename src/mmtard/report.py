@@ -178,6 +178,8 @@ def plot_accuracy_vs_eps(models: dict, path: Path) -> Path:
     """One panel per dataset plus the average; one line per model; eps 0 is clean accuracy."""
     names = _datasets_of(models)
     colors = _colors(models)
+    linf = all(entry.get("attack", {}).get("norm", "linf") == "linf" for entry in models.values())
+    scale, xlabel = (255, "eps (x/255)") if linf else (1, "eps")  # L2 radii are not read in 1/255 units
     fig, axes = _figure(len(names) + 1)
     for ax, name in zip(axes, names + ["average"]):
         for row, entry in models.items():
@@ -185,10 +187,10 @@ def plot_accuracy_vs_eps(models: dict, path: Path) -> Path:
             if not point or point.get("clean") is None:
                 continue
             keys = sorted_eps(point["robust"])
-            xs = [0.0] + [eps_value(k) * 255 for k in keys]
+            xs = [0.0] + [eps_value(k) * scale for k in keys]
             ax.plot(xs, [point["clean"]] + [point["robust"][k] for k in keys], marker="o", label=row, color=colors[row])
         ax.set_title(name)
-        ax.set_xlabel("eps (x/255)")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("accuracy (%)")
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
