@@ -143,6 +143,11 @@ def _image_folder(world_dir, root, per_class: int = 4, classes: int = 2):
     return root
 
 
+def test_a_global_batch_larger_than_the_dataset(config_file, world_dir, tmp_path, capsys):
+    _refused(capsys, _distill(config_file, tmp_path / "run", world_dir, "train.global_batch=100000"),
+             "train.global_batch: 100000 is more than the dataset's")
+
+
 def test_empty_class_folder(config_file, world_dir, tmp_path, capsys):
     root = _image_folder(world_dir, tmp_path / "images")
     (root / "zebra").mkdir()

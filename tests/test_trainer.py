@@ -398,27 +398,31 @@ def test_a_fresh_start_drops_the_cache_a_run_killed_before_its_first_checkpoint_
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_ranks_share_one_stream_of_micro_batches_over_epochs(world):
-    """n = 22 samples, micro-batch 4: 5 micro-batches per epoch, which 2, 3 or 4 ranks cannot split
-    evenly. Dealt out, the ranks' streams interleave into the single process's, epoch after epoch,
-    and a rank restarted at any position continues its own stream."""
+    """n = 26 samples, micro-batch 2, global batch 2 x world: epochs of whole global batches, dealt
+    out to the ranks, interleave into the single process's stream (same global batch, accumulation
+    `world`) epoch after epoch, and a rank restarted at any position continues its own stream."""
     from mmtard.distributed import DistEnv
     from mmtard.trainer import epoch_indices, stream_start
 
-    n, micro, seed, epochs = 22, 4, 3, 4
+    n, micro, seed, epochs = 26, 2, 3, 4
+    global_batch = micro * world
 
-    def stream(env):
-        samples = [i for e in range(epochs) for i in epoch_indices(n, e, seed, env, micro)]
+    def stream(env, micro=micro):
+        samples = [i for e in range(epochs) for i in epoch_indices(n, e, seed, env, micro, global_batch)]
         return [samples[k:k + micro] for k in range(0, len(samples), micro)]
 
     single = stream(DistEnv())
-    assert len(single) == epochs * (n // micro)
+    assert len(single) == epochs * (n // global_batch) * world
     ranks = [stream(DistEnv(rank=r, world_size=world)) for r in range(world)]
     assert [ranks[g % world][g // world] for g in range(len(single))] == single
     for rank, blocks in enumerate(ranks):
         env = DistEnv(rank=rank, world_size=world)
         for position in range(len(blocks)):
-            epoch, offset = stream_start(position, n, env, micro)
-            assert epoch_indices(n, epoch, seed, env, micro)[offset * micro:][:micro] == blocks[position]
+            epoch, offset = stream_start(position, n, env, micro, global_batch)
+            assert epoch_indices(n, epoch, seed, env, micro, global_batch)[offset * micro:][:micro] == blocks[position]
+    # one process taking whole global batches as its micro-batch sees the same images in every step
+    whole = stream(DistEnv(), micro=global_batch)
+    assert [sorted(sum(single[s * world:(s + 1) * world], [])) for s in range(len(whole))] == [sorted(b) for b in whole]
 
 
 def test_grad_clip_zero_turns_clipping_off(world_dir, tmp_path):

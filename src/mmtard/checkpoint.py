@@ -34,11 +34,14 @@ def durable_replace(tmp: str | Path, path: str | Path) -> None:
     with open(tmp, "rb+") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-    directory = os.open(Path(path).parent, os.O_RDONLY)
     try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+        directory = os.open(Path(path).parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except OSError as exc:  # some network and FUSE file systems cannot fsync a folder; the file is in place
+        log.debug("cannot fsync the folder of %s: %s", path, exc)
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:

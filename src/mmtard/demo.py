@@ -137,6 +137,7 @@ def _checkpoint_students(out: Path, name: str) -> list[tuple[int, float, Path]]:
     wall time (the paper's efficiency claim)."""
     from mmtard.factory import build_student
     from mmtard.lora import merged_copy
+    from mmtard.trainer import load_student_weights
     from mmtard.models import export_open_clip
 
     run_dir = out / "runs" / name
@@ -147,7 +148,7 @@ def _checkpoint_students(out: Path, name: str) -> list[tuple[int, float, Path]]:
         state = ckpt.load_checkpoint(path)
         if not target.exists():
             student, _ = build_student(config, ["x"], torch.device("cpu"))
-            student.load_state_dict(state["student"], strict=False)
+            load_student_weights(student, state["student"], path)
             export_open_clip(merged_copy(student.clip), target)
         points.append((step, float(state.get("elapsed", 0.0)), target))
     return points

@@ -40,11 +40,16 @@ class MetricsWriter:
                 rows.extend(csv.DictReader(handle))
             except csv.Error:  # unreadable from here on: an empty row marks where
                 rows.append({})
-        kept = []
+        kept, last_step = [], None
         for line, row in enumerate(rows, start=2):
-            try:
+            try:  # a row cut short by a crash of the machine lacks fields, or has a cut step number
+                if None in row or None in row.values():
+                    raise ValueError("wrong number of fields")
                 row_step = int(float(row["step"]))
-            except (KeyError, TypeError, ValueError):  # a row cut short by a crash of the machine
+                if last_step is not None and row_step <= last_step:
+                    raise ValueError("step out of order")
+                last_step = row_step
+            except (KeyError, TypeError, ValueError):
                 damaged = self.path.with_name(f"{self.path.name}.damaged")
                 shutil.copyfile(self.path, damaged)
                 log.warning("%s: line %d is damaged; it and the lines after it are dropped (the file as it "

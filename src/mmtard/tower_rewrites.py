@@ -119,7 +119,9 @@ class ClassTokenBlock(ResidualAttentionBlock):
     so the block keeps its submodules, parameters and their names). Input [B, L, D] (batch
     first), output [B, 1, D]: what the tower's class-token pooling reads. open_clip calls that read
     the other tokens (``output_tokens``, ``forward_intermediates``) get none from a rewritten tower;
-    nothing in mmtard makes them, and saved weights are unaffected.
+    nothing in mmtard makes them, and saved weights are unaffected. Under LoRA in train mode the
+    class token's query draws its own adapter-dropout mask (:class:`mmtard.lora.ProjectedAttention`
+    projects it apart from the keys): the same distribution, not the same draw.
     """
 
     def forward(self, q_x: torch.Tensor, k_x: torch.Tensor | None = None, v_x: torch.Tensor | None = None,

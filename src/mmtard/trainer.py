@@ -78,33 +78,52 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def epoch_indices(n: int, epoch: int, seed: int, env: DistEnv, micro: int) -> list[int]:
+def _micro_batches_per_epoch(n: int, micro: int, global_batch: int) -> int:
+    """An epoch is its permutation's ``n // global_batch`` whole global batches: the epoch's
+    boundaries fall at the same images whatever the micro-batch size and number of ranks (so a run
+    resumed on another layout continues at the same image), cut into micro-batches."""
+    return n // global_batch * (global_batch // micro)
+
+
+def epoch_indices(n: int, epoch: int, seed: int, env: DistEnv, micro: int, global_batch: int) -> list[int]:
     """This rank's sample order for one epoch: a seeded permutation, cut into micro-batches, dealt
     out to the ranks. Recomputable from (seed, epoch) alone, which makes the data position resumable.
 
     One global stream of micro-batches, whatever the number of ranks: each epoch's permutation is
-    cut into its ``n // micro`` whole micro-batches, the epochs follow one another, and global
-    micro-batch ``g`` goes to rank ``g % world``. Rank r's p-th micro-batch is therefore global
-    micro-batch ``p * world + r``: a step of W ranks x A micro-batches covers exactly the W * A
-    consecutive micro-batches a single process with accumulation W * A would take, in the same
-    compositions, in every epoch (an epoch's micro-batches need not divide evenly among the ranks).
+    cut into whole global batches, those into micro-batches, the epochs follow one another, and
+    global micro-batch ``g`` goes to rank ``g % world``. Rank r's p-th micro-batch is therefore
+    global micro-batch ``p * world + r``: a step of W ranks x A micro-batches covers exactly the
+    W * A consecutive micro-batches a single process with accumulation W * A would take, in the
+    same compositions, in every epoch.
     """
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(n, generator=generator).tolist()
-    per_epoch = n // micro
+    per_epoch = _micro_batches_per_epoch(n, micro, global_batch)
     first = epoch * per_epoch  # global number of this epoch's first micro-batch
     return [i for j in range(per_epoch) if (first + j) % env.world_size == env.rank
             for i in order[j * micro:(j + 1) * micro]]
 
 
-def stream_start(position: int, n: int, env: DistEnv, micro: int) -> tuple[int, int]:
+def stream_start(position: int, n: int, env: DistEnv, micro: int, global_batch: int) -> tuple[int, int]:
     """Where rank ``env.rank``'s micro-batch number ``position`` lies: (epoch, micro-batches of this
     rank before it in that epoch), for :func:`epoch_indices`."""
-    per_epoch = n // micro
+    per_epoch = _micro_batches_per_epoch(n, micro, global_batch)
     number = position * env.world_size + env.rank  # its global number
     epoch = number // per_epoch
     first = epoch * per_epoch
     return epoch, sum(1 for g in range(first, number) if g % env.world_size == env.rank)
+
+
+def load_student_weights(student: nn.Module, saved: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Load a checkpoint's trainable student weights, refusing one that lacks any of them."""
+    names = {name for name, p in student.named_parameters() if p.requires_grad}
+    missing = names - set(saved)
+    if missing:
+        old_lora = any(".attn.lora_" in k or ".attn.base_layer.out_proj.lora_" in k for k in saved)
+        why = (" (LoRA adapters of an earlier mmtard, whose attention layout had no dropout; that run cannot be "
+               "resumed by this version: train it again with --force or into another --out)" if old_lora else "")
+        raise MmtardError(f"{source}: the checkpoint lacks student weights {sorted(missing)[:3]}{why}")
+    student.load_state_dict(saved, strict=False)
 
 
 class Trainer:
@@ -134,8 +153,9 @@ class Trainer:
         torch.manual_seed(config.train.seed)
 
         self.dataset = build_dataset(config.data)
-        if len(self.dataset) < self.plan.micro_batch * self.env.world_size:
-            raise ConfigError(f"the dataset has {len(self.dataset)} samples, fewer than one global micro-batch")
+        if len(self.dataset) < config.train.global_batch:  # an epoch is made of whole global batches
+            raise ConfigError(f"train.global_batch: {config.train.global_batch} is more than the dataset's "
+                              f"{len(self.dataset)} samples")
         classnames = list(self.dataset.classnames)
         self.student, reference = build_student(config, classnames, self.device)
         teachers = build_teachers(config, classnames, self.device)
@@ -192,10 +212,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        missing = self._trainable_names() - set(state["student"])
-        if missing:
-            raise MmtardError(f"checkpoint lacks student weights {sorted(missing)[:3]}")
-        self.student.load_state_dict(state["student"], strict=False)
+        load_student_weights(self.student, state["student"], self.resume_from or "checkpoint")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         # The loaded rate is the old schedule's; train.steps may have changed (the lambda is this
@@ -226,9 +243,10 @@ class Trainer:
     def _batches(self):
         """Endless micro-batches starting at ``self.position``, epoch after epoch."""
         micro = self.plan.micro_batch
-        epoch, offset = stream_start(self.position, len(self.dataset), self.env, micro)
+        n, global_batch = len(self.dataset), self.config.train.global_batch
+        epoch, offset = stream_start(self.position, n, self.env, micro, global_batch)
         while True:
-            indices = epoch_indices(len(self.dataset), epoch, self.config.train.seed, self.env, micro)[offset * micro:]
+            indices = epoch_indices(n, epoch, self.config.train.seed, self.env, micro, global_batch)[offset * micro:]
             # A private generator: creating the loader's iterator must not draw from the global
             # RNG, or a resumed run's attack noise would be shifted by one draw.
             generator = torch.Generator().manual_seed(self.config.train.seed * 7 + epoch * 1009 + self.env.rank)
