@@ -123,7 +123,8 @@ def test_two_ranks_match_one_process_with_accumulation(relaunched_run, world_dir
     state = load_checkpoint(list_checkpoints(run)[-1][1])
     assert state["world_size"] == 2 and len(state["rng_ranks"]) == 2
     cache = sorted(p.name for p in (run / "cache" / "clean_teacher").iterdir())
-    assert [name.rsplit("-", 1)[0] for name in cache] == ["teacher0-node0", "teacher0-node0"]
+    # teacher<i>-<weights digest>-node<n>-<samples digest>
+    assert [(name.split("-")[0], name.split("-")[2]) for name in cache] == [("teacher0", "node0")] * 2
     assert [name.rsplit(".", 1)[1] for name in cache] == ["f32", "mask"]
 
 
