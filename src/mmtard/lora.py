@@ -28,7 +28,7 @@ class ProjectedAttention(nn.Module):
 
     def __init__(self, mha: nn.MultiheadAttention):
         super().__init__()
-        if not mha.batch_first or not mha._qkv_same_embed_dim or mha.bias_k is not None:
+        if not mha.batch_first or not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
             raise ModelError(f"LoRA: unsupported attention layout {mha}")
         dim = mha.embed_dim
         self.num_heads = mha.num_heads
