@@ -292,8 +292,14 @@ def test_class_token_last_block_leaves_towers_that_read_other_tokens():
     assert not any(isinstance(m, ClassTokenBlock) for tower in others for m in tower.modules())
 
 
-def test_class_token_last_block_gives_the_full_step_loss(world_dir, tmp_path):
-    trainer, batch = _fp32_trainer(world_dir, tmp_path / "run")
+@pytest.mark.parametrize("lora", [False, True])
+def test_class_token_last_block_gives_the_full_step_loss(world_dir, tmp_path, lora):
+    extra = {"train.lora": "true", "train.lora_dropout": 0.0} if lora else {}  # dropout: a draw per projection
+    trainer, batch = _fp32_trainer(world_dir, tmp_path / "run", **extra)
+    if lora:  # adapters that change the output (peft starts lora_B at zero)
+        for name, parameter in trainer.student.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.1)
     full = _method_loss(trainer, batch)
     assert class_token_last_block(image_towers(trainer.method)) == 3  # student and both teachers
     torch.testing.assert_close(_method_loss(trainer, batch), full, rtol=1e-5, atol=1e-7)
