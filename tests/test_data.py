@@ -231,6 +231,20 @@ def test_webdataset_shards(tmp_path):
         ShardDataset(str(tmp_path / "shard-{00..02}.tar"))
 
 
+def test_shuffled_shards_are_read_once_each_across_workers(tmp_path):
+    """The shard list is shuffled after it is split among the DataLoader workers: shuffled before,
+    each worker would shuffle it differently and their shares would overlap."""
+    png = _png_bytes(_img())
+    for k in range(8):
+        _write_shard(tmp_path / f"shard-{k:02d}.tar",
+                     [{"__key__": f"s{k}{j}", "png": png, "cls": b"0"} for j in range(4)])
+    dataset = ShardDataset(str(tmp_path / "shard-{00..07}.tar"), "cls", shuffle=10)
+    for trial in range(3):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2)
+        keys = [key for _, _, key in loader]
+        assert sorted(keys) == sorted(f"s{k}{j}" for k in range(8) for j in range(4)), trial
+
+
 def test_webdataset_corrupt_sample(tmp_path):
     good = _png_bytes(_img())
     _write_shard(tmp_path / "s.tar", [

@@ -85,10 +85,13 @@ class ShardDataset(IterableDataset):
         return self.skip_log.pop()
 
     def __iter__(self) -> Iterator:
-        stages = [wds.SimpleShardList(self.urls)]
+        # Split first, then shuffle each worker's own share: a shard list shuffled before the split
+        # is shuffled differently in every worker (webdataset seeds it per process), so the workers'
+        # slices would overlap, reading some shards twice and others never.
+        stages = [wds.SimpleShardList(self.urls), wds.split_by_node, wds.split_by_worker]
         if self.shuffle:
             stages.append(wds.shuffle(len(self.urls)))
-        stages += [wds.split_by_node, wds.split_by_worker, wds.tarfile_to_samples(handler=self._on_tar_error)]
+        stages.append(wds.tarfile_to_samples(handler=self._on_tar_error))
         if self.shuffle:
             stages.append(wds.shuffle(self.shuffle))
         stages.append(self._decode)
