@@ -107,3 +107,23 @@ def test_main_generate_summary(tmp_path):
     # regenerating over a world replaces it
     again = main_generate(tmp_path / "w", seed=1, size="test", image_size=16)
     assert again["counts"] == summary["counts"]
+
+
+def test_an_interrupted_generation_is_replaced_by_the_next(tmp_path, monkeypatch):
+    """The demo regenerates a world that has no world.json; one whose generation was cut short
+    (Ctrl-C) must not then be refused as a foreign folder."""
+    from mmtard import world
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(world, "_write_captions", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            generate_world(tmp_path / "w", size="test")
+    assert (tmp_path / "w" / "classification").is_dir() and not (tmp_path / "w" / "world.json").exists()
+    info = generate_world(tmp_path / "w", size="test")
+    assert info.counts["captions"] > 0 and not (tmp_path / "w" / ".world-incomplete").exists()
+    with pytest.raises(DataError, match="seed must be >= 0"):
+        generate_world(tmp_path / "other", seed=-1, size="test")
+    assert not (tmp_path / "other").exists()

@@ -344,17 +344,24 @@ def _write_captions(root: Path, n: int, seed: int, size: int) -> None:
         out.writerows(rows)
 
 
+#: written before the first file of a world and removed with world.json's writing: a world whose
+#: generation was interrupted is known to be this module's and is replaced by the next one
+_INCOMPLETE = ".world-incomplete"
+
+
 def _prepare_out_dir(out: Path) -> None:
     owned = [out / d for d in ("captions", "classification", "zeroshot")]
-    if any(p.exists() for p in owned) and not (out / "world.json").is_file():
+    ours = (out / "world.json").is_file() or (out / _INCOMPLETE).is_file()
+    if any(p.exists() for p in owned) and not ours:
         raise DataError(
             f"{out} holds captions/, classification/ or zeroshot/ but no world.json; refusing to overwrite."
         )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / _INCOMPLETE).write_text("")
     for p in owned:  # a previous world of another size would leave stale files behind
         if p.exists():
             shutil.rmtree(p)
     (out / "world.json").unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def generate_world(out_dir: str | Path, seed: int = 0, size: str = "demo", image_size: int = 48) -> "WorldInfo":
@@ -373,6 +380,8 @@ def generate_world(out_dir: str | Path, seed: int = 0, size: str = "demo", image
         raise DataError(f"World size must be one of {sorted(SIZES)}, got {size!r}.")
     if image_size < 16:
         raise DataError(f"World image_size must be at least 16, got {image_size}.")
+    if seed < 0:
+        raise DataError(f"World seed must be >= 0, got {seed}.")
     out = Path(out_dir)
     _prepare_out_dir(out)
     n = SIZES[size]
@@ -395,6 +404,7 @@ def generate_world(out_dir: str | Path, seed: int = 0, size: str = "demo", image
         "captions": {"csv": "captions/captions.csv", "shards": ["captions/shards/shard-000000.tar"]},
     }
     (out / "world.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (out / _INCOMPLETE).unlink()
     return load_world(out)
 
 
