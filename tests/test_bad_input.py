@@ -109,6 +109,22 @@ def test_config_file_refusals(tmp_path, capsys):
     teacher_method.write_text("method: {name: ard}\nteachers: [{name: mmtard-tiny-vit}]\n")
     _refused(capsys, ["train-teacher", "--config", str(teacher_method), "--out", str(tmp_path / "r")],
              "train-teacher trains with", "'ard'", "mmtard distill")
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("train: {steps: 3}  # r\xe9glage\n".encode("latin-1"))
+    _refused(capsys, ["distill", "--config", str(latin), "--out", str(tmp_path / "r")], str(latin), "not UTF-8")
+    _refused(capsys, ["distill", "--config", str(typo), "--out", str(tmp_path / "r"), 'data.templates=["a {}", "b'],
+             "override 'data.templates': cannot read")
+
+
+def test_data_file_and_pattern_refusals(config_file, world_dir, tmp_path, capsys):
+    names = tmp_path / "names.txt"
+    names.write_bytes("z\xe8bre\n".encode("latin-1"))
+    _refused(capsys, _distill(config_file, tmp_path / "run", world_dir, "data.source=shards",
+                              f"data.root={tmp_path}/s-{{000..001}}.tar", f"data.classnames={names}"),
+             "data.classnames", str(names), "not UTF-8")
+    _refused(capsys, _distill(config_file, tmp_path / "run2", world_dir, "data.source=shards",
+                              f"data.root={tmp_path}/s-{{000..001.tar"),
+             "Cannot expand the shard pattern")
 
 
 def test_debug_lets_the_traceback_through(config_file, tmp_path):

@@ -74,3 +74,17 @@ def test_override_below_a_value_is_refused():
 def test_unknown_data_source_is_refused_before_any_work():
     with pytest.raises(ConfigError, match="data.source"):
         load_config(None, ["data.source=webdataset"])
+
+
+def test_plain_override_values_are_read_as_their_fields_type_not_as_yaml():
+    """YAML 1.1 would read 0777 as 511, 1.10 as 1.1, 010 as octal 8 and drop '#2 model' as a comment."""
+    config = load_config(None, ["method.name=tecoa", "data.root=0777", "student.pretrained=1.10", "train.seed=010",
+                                "train.lora=true", "train.micro_batch=null", 'data.templates=["a {}", "b {}"]',
+                                "student.name=/models/my #2 model"])
+    assert config.data.root == "0777" and config.student.pretrained == "1.10" and config.train.seed == 10
+    assert config.train.lora is True and config.train.micro_batch is None and config.data.templates == ["a {}", "b {}"]
+    assert config.student.name == "/models/my #2 model"
+    with pytest.raises(ConfigError, match="override 'data.templates': cannot read"):
+        load_config(None, ["method.name=tecoa", 'data.templates=["a {}", "b'])
+    with pytest.raises(ConfigError, match="train.seed: expected an integer, got '0x1F'"):
+        load_config(None, ["method.name=tecoa", "train.seed=0x1F"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -175,6 +176,8 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
+    if isinstance(value, _OverrideText) and value.strip() in ("null", "~", "None") and tp is not str:
+        value = None
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
         if value is None and type(None) in options:
@@ -198,20 +201,24 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        if isinstance(value, _OverrideText) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        raise ConfigError(f"{where}: expected true or false, got {str(value)!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, _OverrideText) and re.fullmatch(r"[-+]?\d+", value.strip()):
+            return int(value.strip(), 10)  # decimal, whatever its leading zeros
+        raise ConfigError(f"{where}: expected an integer, got {str(value)!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string; overrides are text
             try:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        raise ConfigError(f"{where}: expected a number, got {str(value)!r}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -241,13 +248,32 @@ def to_dict(obj: Any) -> Any:
     return dataclasses.asdict(obj)
 
 
+class _OverrideText(str):
+    """A plain override value, kept as typed: :func:`_coerce` reads it as the field's type. Parsed
+    as YAML 1.1 it could change silently (``0777`` -> 511, ``1.10`` -> 1.1, ``a #2`` -> ``a``)."""
+
+
+def _override_value(key: str, raw: str) -> Any:
+    """Lists, mappings and quoted strings are YAML; every other value stays text until its field's
+    type is known."""
+    if not raw.lstrip().startswith(("[", "{", '"', "'")):
+        return _OverrideText(raw)
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"override '{key}': cannot read {raw!r} as YAML ({reason})") from exc
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``a.b.c=value`` strings (value parsed as YAML; list items by index: ``teachers.0.x``)."""
+    """Apply ``a.b.c=value`` strings (list items by index: ``teachers.0.x``). A plain value is read
+    as its field's type (``train.steps=10``, ``train.lora=true``, ``student.pretrained=null``);
+    lists and mappings (``data.templates=[...]``) and quoted strings as YAML."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _override_value(key, raw)
         node: Any = data
         parts = key.strip().split(".")
         for i, part in enumerate(parts):
@@ -279,12 +305,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, cls
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
             reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
             raise ConfigError(f"{path}: not valid YAML{where}: {reason}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     data = apply_overrides(data, overrides or [])

@@ -77,6 +77,8 @@ def read_classnames_file(path: str) -> list[str]:
         lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
     except OSError as exc:
         raise ConfigError(f"data.classnames: cannot read {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"data.classnames: {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     while lines and not lines[-1]:
         lines.pop()
     if not lines:

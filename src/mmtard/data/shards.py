@@ -32,7 +32,10 @@ def expand_shards(urls: str | Sequence[str]) -> list[str]:
     expanded: list[str] = []
     for pattern in patterns:
         for part in str(pattern).split("::"):
-            expanded.extend(wds.shardlists.expand_urls(part))
+            try:
+                expanded.extend(wds.shardlists.expand_urls(part))
+            except ValueError as exc:  # e.g. unbalanced braces
+                raise DataError(f"Cannot expand the shard pattern {part!r}: {exc}. Expected {SHARD_LAYOUT}.") from exc
     if not expanded:
         raise DataError(f"No shards given. Expected {SHARD_LAYOUT}.")
     for url in expanded:
