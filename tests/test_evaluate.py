@@ -419,3 +419,20 @@ def test_an_empty_set_is_refused_by_name(tmp_path):
     with pytest.raises(DataError, match="dataset 'patterns' has no samples"):
         run_eval([ModelEntry("random", TINY)], [_entry(0)], ["1/255"], AttackSpec(name="pgd", iterations=1),
                  n_samples=None, out_dir=tmp_path, progress=False)
+
+
+def test_imagenet_evaluation_needs_all_1000_class_folders(tmp_path):
+    """With fewer wnid folders, labels and the head would cover only those: not ImageNet accuracy."""
+    from PIL import Image
+
+    val = tmp_path / "imagenet" / "val"
+    lst = tmp_path / "list.txt"
+    lst.write_text("n01440764/a.JPEG\n")
+    (val / "n01440764").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(val / "n01440764" / "a.JPEG", format="JPEG")
+    with pytest.raises(DataError, match="has 1 <wnid> class folders under val/, not 1000"):
+        imagenet_dataset(tmp_path / "imagenet", list_file=lst, image_size=8)
+    for k in range(999):  # the other classes' folders may be empty
+        (val / f"n{10_000_000 + k:08d}").mkdir()
+    entry = imagenet_dataset(tmp_path / "imagenet", list_file=lst, image_size=8)
+    assert len(entry.classnames) == 1000 and entry.classnames[0] != "n01440764"

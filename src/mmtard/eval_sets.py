@@ -81,6 +81,12 @@ def imagenet_dataset(
         ds = imagenet_folder(root, "val", image_size=image_size)
     else:
         ds = imagenet_val_subset(root, list_file=list_file, image_size=image_size)
+    if len(ds.classnames) != 1000:  # labels and head would cover the folders present: not ImageNet accuracy
+        raise DataError(
+            f"imagenet: {root} has {len(ds.classnames)} <wnid> class folders under val/, not 1000, so labels and "
+            "the zero-shot head would cover only those. Keep all 1000 val/<wnid>/ folders (for the RobustBench "
+            "subset, folders holding none of its images may be empty)."
+        )
     return DatasetEntry("imagenet", ds, list(ds.classnames), imagenet_templates(), "classification")
 
 
