@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from mmtard.cli import main
 from mmtard.demo import STUDENTS
@@ -67,3 +68,13 @@ def test_demo_refuses_a_folder_from_another_command(tmp_path, capsys):
     (tmp_path / "other.txt").write_text("not a demo")
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_pretraining_refuses_fewer_pairs_than_one_batch(tmp_path):
+    from mmtard.errors import DataError
+    from mmtard.pretrain import PretrainConfig, pretrain_clip
+
+    pairs = [(torch.rand(3, 32, 32), "a red circle", i) for i in range(3)]
+    with pytest.raises(DataError, match="3 image-caption pairs, fewer than one batch of 8"):
+        pretrain_clip(pairs, PretrainConfig("mmtard-tiny-vit", steps=2, batch_size=8), tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()

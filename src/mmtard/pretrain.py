@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from mmtard.errors import DataError
 from mmtard.models import CLIPClassifier, ModelSpec, create_clip, export_open_clip
 from mmtard.trainer import cosine_lr
 
@@ -43,6 +44,9 @@ def pretrain_clip(captions, cfg: PretrainConfig, out_file: str | Path, show_prog
     out_file = Path(out_file)
     if out_file.exists():
         return out_file
+    if len(captions) < cfg.batch_size:  # not one whole batch: the loop would never run
+        raise DataError(f"pre-training {cfg.model}: {len(captions)} image-caption pairs, fewer than one batch "
+                        f"of {cfg.batch_size}")
     torch.manual_seed(cfg.seed)
     clip = create_clip(ModelSpec(cfg.model)).train()
     wrapper = CLIPClassifier(clip)  # for its resize + normalisation of [0, 1] images
