@@ -50,7 +50,7 @@ def time_call(fn, device: torch.device, warmup: int, iters: int) -> float:
     for _ in range(iters):
         fn()
     sync()
-    return (time.perf_counter() - start) / iters
+    return (time.perf_counter() - start) / max(iters, 1)
 
 
 def attention_call(kernel: str, q, k, v, backward: bool):

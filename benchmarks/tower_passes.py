@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,7 +31,8 @@ if str(SRC) not in sys.path:
 
 from mmtard import tower_rewrites  # noqa: E402  (after the path set-up)
 from mmtard.speed import input_grad_only  # noqa: E402
-from step_throughput import count_flops  # noqa: E402  (this folder)
+from attention_kernels import time_call  # noqa: E402  (this folder)
+from step_throughput import count_flops  # noqa: E402
 
 #: (label, train.patch_embed, train.last_block), each applied to fresh copies of the towers
 REWRITES = [("open_clip", "conv", "full"), ("class_token", "conv", "class_token"),
@@ -103,18 +103,6 @@ def passes(student: torch.nn.Module, teacher: torch.nn.Module, args, device: tor
             "teacher": (teacher_pass, args.teacher_batch)}
 
 
-def seconds_per_call(fn, device: torch.device, warmup: int, iters: int) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / max(iters, 1)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -133,14 +121,15 @@ def main(argv=None) -> int:
             tower_rewrites.matmul_patch_embedding([student, teacher])
         if last_block == "class_token":
             tower_rewrites.class_token_last_block([student, teacher])
-        flops = {name: count_flops(fn) / n / 1e9 for name, (fn, n) in passes(student, teacher, args, device).items()}
+        calls = passes(student, teacher, args, device)  # closures over the towers: compiling in place keeps them
+        flops = {name: count_flops(fn) / n / 1e9 for name, (fn, n) in calls.items()}
         if args.compile:
             for tower in (student, teacher):
                 tower.compile(mode=args.compile_mode, dynamic=False)
         seconds = {}
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            for name, (fn, n) in passes(student, teacher, args, device).items():
-                seconds[name] = seconds_per_call(fn, device, args.warmup, args.iters)
+            for name, (fn, n) in calls.items():
+                seconds[name] = time_call(fn, device, args.warmup, args.iters)
                 emit(f"pass_{name}", rewrite=label, s=seconds[name], images_per_s=n / seconds[name],
                      gflop_per_image=flops[name])
         tower_s = 10 * seconds["attack"] + seconds["update"] + seconds["teacher"] * args.batch / args.teacher_batch

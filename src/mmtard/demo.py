@@ -137,8 +137,8 @@ def _checkpoint_students(out: Path, name: str) -> list[tuple[int, float, Path]]:
     wall time (the paper's efficiency claim)."""
     from mmtard.factory import build_student
     from mmtard.lora import merged_copy
-    from mmtard.trainer import load_student_weights
     from mmtard.models import export_open_clip
+    from mmtard.trainer import load_student_weights
 
     run_dir = out / "runs" / name
     config = load_config(run_dir / "config.yaml")
