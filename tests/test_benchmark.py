@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_throughput.py"
 
@@ -67,6 +68,27 @@ def test_attention_kernel_benchmark_runs():
     for shape in ("student", "update", "teacher"):
         assert {(shape, "kernel=auto"), (shape, "kernel=math"), (shape, "kernel=flash")} <= timed
         assert (shape, "kernel=cudnn") in refused  # a CPU has no cuDNN attention: reported, not fatal
+    # the step's cost per kernel (calls per step times seconds per call), for kernels serving every shape
+    per_call = {(f[1], f[2]): float(next(x for x in f if x.startswith("us_per_call="))[12:]) for f in lines
+                if any(x.startswith("us_per_call=") for x in f)}
+    step = {f[2]: float(f[3].split("=")[1]) for f in lines if f[1] == "step_attention"}
+    assert set(step) == {"kernel=auto", "kernel=flash", "kernel=math"}
+    expected = sum(calls * per_call[(shape, "kernel=math")] for shape, calls in
+                   (("student", 120), ("update", 12), ("teacher", 24))) / 1e3
+    assert step["kernel=math"] == pytest.approx(expected, rel=1e-2, abs=0.02)
+    best = [f for f in lines if f[1] == "best"]
+    assert best and best[0][2] == min(step, key=step.get)
+
+
+def test_written_out_attention_is_sdpa():
+    # benchmarks/attention_matmul.py times this form against torch's fused kernels
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        from attention_matmul import written_out
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    q, k, v = torch.randn(3, 2, 4, 7, 8).unbind(0)
+    torch.testing.assert_close(written_out(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v))
 
 
 def test_tower_pass_benchmark_counts_what_each_rewrite_saves():
