@@ -13,7 +13,7 @@ In ONE process, with random weights (timing does not depend on their values):
     ``train.compile`` (compile time reported separately) and, with ``--compile-attack``, with
     ``train.compile_attack`` on top (each whole PGD iteration one compiled graph). Like the
     trainer, (b) runs the exact tower rewrites of :mod:`mmtard.tower_rewrites` as configured
-    (``--patch-embed``, default ``auto``: on a GPU; ``--last-block``, default ``full``): the patch
+    (``--patch-embed`` and ``--last-block``, default ``auto``: on a GPU): the patch
     embedding as a matrix product, a last block that computes the class token alone.
     They are applied after (a) and the fp32 loss check, which keep open_clip's towers as the
     release does.
@@ -78,8 +78,9 @@ def parse_args(argv=None):
                    help="print torch.profiler's top operators for one steady step of the last (b) variant")
     p.add_argument("--patch-embed", default="auto", choices=PATCH_EMBEDS,
                    help="train.patch_embed of (b): auto = matmul on a GPU (the reference keeps the convolution)")
-    p.add_argument("--last-block", default="full", choices=LAST_BLOCKS,
-                   help="train.last_block of (b) (the reference keeps open_clip's full block)")
+    p.add_argument("--last-block", default="auto", choices=LAST_BLOCKS,
+                   help="train.last_block of (b): auto = class token alone on a GPU (the reference keeps "
+                        "open_clip's full block)")
     p.add_argument("--attention", default="auto", choices=ATTENTION_KERNELS,
                    help="train.attention of (b): torch's attention kernel (see attention_kernels.py)")
     p.add_argument("--no-reference", action="store_true", help="skip (a)")
@@ -588,7 +589,7 @@ def main(argv=None) -> int:
         towers = tower_rewrites.image_towers(trainer.method)
         if tower_rewrites.wants_matmul_patch_embedding(args.patch_embed, device):
             emit("patch_embed", mode="matmul", towers=tower_rewrites.matmul_patch_embedding(towers))
-        if args.last_block == "class_token":
+        if tower_rewrites.wants_class_token_last_block(args.last_block, device):
             emit("last_block", mode="class_token", towers=tower_rewrites.class_token_last_block(towers))
         flops = stage("flops", measure_flops, args, trainer, batches, timer) or {}
         summary = {}

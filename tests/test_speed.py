@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from mmtard.attacks import PGDConfig, pgd, pgd_iteration
-from mmtard.config import load_config
+from mmtard.config import TrainConfig, load_config
 from mmtard.errors import ConfigError
 from mmtard.speed import (attention_kernel, check_attention_kernel, compile_attack_iteration, compile_method,
                           input_grad_only)
 from mmtard.tower_rewrites import (ClassTokenBlock, PatchEmbedding, class_token_last_block, image_towers,
-                                   matmul_patch_embedding)
+                                   matmul_patch_embedding, wants_class_token_last_block)
 from mmtard.trainer import Trainer
 
 TEACHERS = "teachers=[{name: mmtard-small-vit, role: clean}, {name: mmtard-small-vit, role: robust}]"
@@ -315,6 +315,7 @@ def test_train_last_block_switch(world_dir, tmp_path):
 
     assert last_blocks("class_token")[1] == [ClassTokenBlock] * 3
     assert ClassTokenBlock not in last_blocks("full")[1]
+    assert ClassTokenBlock not in last_blocks("auto")[1]  # the default: on a GPU only, these run on a CPU
     # under LoRA the tower is peft's wrapper and the block's attention peft's LoRA layer
     lora, _ = last_blocks("class_token", **{"train.lora": "true"})
     blocks = [m for m in lora.student.clip.visual.modules() if isinstance(m, ClassTokenBlock)]
@@ -322,8 +323,16 @@ def test_train_last_block_switch(world_dir, tmp_path):
     calls = []
     blocks[0].register_forward_hook(lambda _m, _i, out: calls.append(out.shape[1]))
     assert torch.isfinite(lora._train_step(iter([_batch(lora)]), {})["loss"]) and calls and set(calls) == {1}
-    with pytest.raises(ConfigError, match="train.last_block: 'cls' is not one of full, class_token"):
+    with pytest.raises(ConfigError, match="train.last_block: 'cls' is not one of auto, full, class_token"):
         load_config(None, _overrides(world_dir, **{"train.last_block": "cls"}))
+
+
+def test_last_block_auto_rewrites_on_a_gpu_only():
+    assert wants_class_token_last_block("auto", torch.device("cuda"))
+    assert not wants_class_token_last_block("auto", torch.device("cpu"))
+    assert wants_class_token_last_block("class_token", torch.device("cpu"))
+    assert not wants_class_token_last_block("full", torch.device("cuda"))
+    assert TrainConfig().last_block == "auto"
 
 
 def test_attention_kernels_give_the_same_loss(world_dir, tmp_path):

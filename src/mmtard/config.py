@@ -45,9 +45,9 @@ DATA_SOURCES = ("world", "imagefolder", "imagenet", "shards")
 #: product (same linear map, mmtard.tower_rewrites.PatchEmbedding); auto: the product on a GPU only
 PATCH_EMBEDS = ("auto", "conv", "matmul")
 #: train.last_block: the image towers' last block computes every token (open_clip) or the class
-#: token alone, all a class-token pooling reads (mmtard.tower_rewrites.ClassTokenBlock); full by
-#: default until its GPU speed is measured
-LAST_BLOCKS = ("full", "class_token")
+#: token alone, all a class-token pooling reads (mmtard.tower_rewrites.ClassTokenBlock); auto: the
+#: class token alone on a GPU (5 % faster step on an H200), open_clip's block on a CPU
+LAST_BLOCKS = ("auto", "full", "class_token")
 #: train.attention: torch's scaled-dot-product-attention kernel (mmtard.speed.attention_kernel);
 #: auto leaves torch's choice
 ATTENTION_KERNELS = ("auto", "flash", "efficient", "cudnn", "math")
@@ -147,7 +147,7 @@ class TrainConfig:
     compile_mode: str | None = None
     compile_attack: bool = False
     patch_embed: str = "auto"
-    last_block: str = "full"
+    last_block: str = "auto"
     attention: str = "auto"
 
 

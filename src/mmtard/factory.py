@@ -133,7 +133,7 @@ def build_method(config: Config, student: CLIPClassifier, teachers: list[Teacher
     towers = tower_rewrites.image_towers(method)
     if tower_rewrites.wants_matmul_patch_embedding(train.patch_embed, device):
         tower_rewrites.matmul_patch_embedding(towers)
-    if train.last_block == "class_token":
+    if tower_rewrites.wants_class_token_last_block(train.last_block, device):
         tower_rewrites.class_token_last_block(towers)
     if train.compile or train.compile_attack:
         speed.tag_compile_caches(train.attention)  # both trace the attention kernel into graphs
