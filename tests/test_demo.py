@@ -55,9 +55,10 @@ def test_quick_demo_results(quick_demo):
 
 
 @pytest.mark.slow
-def test_quick_demo_reuses_finished_stages_and_replays_a_stage(quick_demo, tmp_path):
+def test_quick_demo_reuses_finished_stages_and_replays_a_stage(quick_demo, tmp_path, monkeypatch):
     before = (quick_demo / "runs" / "ard" / "student.safetensors").stat().st_mtime_ns
-    assert main(["-q", "demo", "--quick", "--out", str(quick_demo)]) == 0
+    monkeypatch.chdir(quick_demo.parent)  # started with an absolute --out, resumed with a relative one
+    assert main(["-q", "demo", "--quick", "--out", quick_demo.name]) == 0
     assert (quick_demo / "runs" / "ard" / "student.safetensors").stat().st_mtime_ns == before
     config = quick_demo / "configs" / "mmt_ard_paper.yaml"
     assert main(["-q", "distill", "--config", str(config), "--out", str(tmp_path / "replay"), "train.steps=2"]) == 0
@@ -68,6 +69,12 @@ def test_demo_refuses_a_folder_from_another_command(tmp_path, capsys):
     (tmp_path / "other.txt").write_text("not a demo")
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_demo_names_a_damaged_marker(tmp_path, capsys):
+    (tmp_path / "demo.json").write_text('{"plan": ')  # cut off mid-write by an older version
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 2
+    assert "demo.json is damaged" in capsys.readouterr().err
 
 
 def test_pretraining_refuses_fewer_pairs_than_one_batch(tmp_path):

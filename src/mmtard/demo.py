@@ -32,6 +32,7 @@ from mmtard.config import (AttackConfig, Config, DataConfig, MethodConfig, Model
                            TrainConfig, load_config, save_config)
 from mmtard.errors import MmtardError
 from mmtard.pretrain import PretrainConfig, pretrain_clip
+from mmtard.results import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -158,17 +159,23 @@ def run_demo(out: Path, quick: bool = False, seeds: int = 1) -> dict:
     """Run (or resume) the demo in ``out``; returns the results dict."""
     from mmtard.world import generate_world, load_world
 
-    out = Path(out)
+    # absolute: the stage configs store paths under it, and a resume must find the same ones
+    # whether --out is given relative or absolute, or from another working folder
+    out = Path(out).expanduser().resolve()
     _check_out_dir(out)
     plan = QUICK if quick else FULL
     if seeds < 1:
         raise MmtardError("--seeds must be >= 1")
     marker = out / MARKER
     if marker.exists():
-        previous = json.loads(marker.read_text())
+        try:
+            previous = json.loads(marker.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise MmtardError(f"{marker} is damaged ({exc}); delete it to resume this demo, or use another --out") \
+                from exc
         if previous.get("plan") != _plan_dict(plan):
             raise MmtardError(f"{out} holds a demo of another size (quick={not quick}); use another --out")
-    marker.write_text(json.dumps({"plan": _plan_dict(plan), "seeds": seeds}, indent=2))
+    write_json_atomic({"plan": _plan_dict(plan), "seeds": seeds}, marker)
     started = time.perf_counter()
 
     _stage("1. offline world")
