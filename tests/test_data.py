@@ -24,6 +24,7 @@ from mmtard.data import (
     to_rgb,
     zeroshot_templates,
 )
+from mmtard.data.folders import check_imagenet_wnids, imagenet_wnids
 from mmtard.errors import DataError
 
 
@@ -182,9 +183,16 @@ def test_packaged_subset_list_and_imagenet_names():
     entries = read_subset_list(packaged_subset_list())
     assert len(entries) == 5000 and len(set(entries)) == 5000
     assert all(e.split("/")[1].startswith("ILSVRC2012_val_") for e in entries)
-    fake = [f"n{k:08d}" for k in range(1000)]
-    assert folder_classnames(fake) == imagenet_classnames()
+    real = list(imagenet_wnids())
+    assert len(real) == 1000 and real[0] == "n01440764"
+    assert folder_classnames(real) == imagenet_classnames()
     assert imagenet_classnames()[0] == "tench"
+    # 1000 wnid-like folders, one of them not ImageNet-1k's, would shift every later label
+    stray = sorted(real[:500] + ["n00000001"] + real[501:])
+    with pytest.raises(DataError, match=r"/data/val: .*not ImageNet-1k: n00000001; missing: " + real[500]):
+        folder_classnames(stray, "/data/val")
+    with pytest.raises(DataError, match="out of ImageNet's"):
+        check_imagenet_wnids(real[::-1], "wnids=")
 
 
 # ----------------------------------------------------------------------------- captions and shards

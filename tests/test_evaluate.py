@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from mmtard.autoattack import AttackSpec, robust_flags
+from mmtard.data.folders import imagenet_wnids
 from mmtard.errors import ConfigError, DataError
 from mmtard.eval_sets import DatasetEntry, imagenet_dataset, suite_datasets, suite_image_size, world_datasets
 from mmtard.evaluate import ModelEntry, run_eval
@@ -236,6 +237,32 @@ def test_other_evaluation_in_same_folder_is_refused(tmp_path):
                  batch_size=4, out_dir=tmp_path, progress=False)
 
 
+def test_images_replaced_in_place_are_not_mistaken_for_the_evaluated_ones(world_dir, tmp_path):
+    import shutil
+
+    world = tmp_path / "world"
+    shutil.copytree(world_dir, world)  # the session's world stays untouched
+    kwargs = dict(eps_list=["1/255"], attack=AttackSpec(name="pgd", iterations=1), n_samples=4, batch_size=4,
+                  out_dir=tmp_path / "eval", progress=False)
+    first = run_eval([ModelEntry("m", TINY)], world_datasets(world, sets=["world-shapes"]), **kwargs)
+    record_path = tmp_path / "eval" / "samples" / "m" / "world-shapes.json"
+    record = json.loads(record_path.read_text())
+    # an unchanged dataset resumes (nothing to redo)
+    assert run_eval([ModelEntry("m", TINY)], world_datasets(world, sets=["world-shapes"]), **kwargs)["models"] \
+        == first["models"]
+    # the same file names with other images (a regenerated dataset) are refused by name
+    evaluated = world_datasets(world, sets=["world-shapes"])[0].dataset.root / record["sample_ids"][0]
+    other = next(p for p in world.rglob("*.png") if p.read_bytes() != evaluated.read_bytes())
+    shutil.copyfile(other, evaluated)
+    with pytest.raises(ConfigError, match=r"data differs.*images or their labels changed"):
+        run_eval([ModelEntry("m", TINY)], world_datasets(world, sets=["world-shapes"]), **kwargs)
+    # a record written before the digest existed has nothing to compare, and resumes
+    del record["data"]
+    record_path.write_text(json.dumps(record))
+    assert run_eval([ModelEntry("m", TINY)], world_datasets(world, sets=["world-shapes"]), **kwargs)["models"] \
+        == first["models"]
+
+
 def test_rewritten_weights_file_is_not_mistaken_for_the_evaluated_one(tmp_path):
     weights = export_open_clip(create_clip(ModelSpec(TINY)), tmp_path / "w.safetensors")
     kwargs = dict(n_samples=4, batch_size=4, out_dir=tmp_path / "eval", progress=False)
@@ -330,6 +357,11 @@ def test_class_count_mismatch_is_a_data_error(tmp_path):
 def test_missing_dataset_roots_name_the_expected_layout(tmp_path):
     with pytest.raises(DataError, match="cifar-10-batches-py"):
         suite_datasets(["cifar10"], tmp_path / "nowhere")
+    with pytest.raises(DataError, match="cifar-10-batches-py"):  # a template, clip-benchmark's form
+        suite_datasets(["cifar10"], str(tmp_path / "nowhere" / "{name}"))
+    for template in ("{name}/{split}", "{0}", "{name"):
+        with pytest.raises(ConfigError, match=r"may hold only \{name\}"):
+            suite_datasets(["cifar10"], str(tmp_path / template))
     with pytest.raises(DataError, match="val/<wnid>"):
         imagenet_dataset(tmp_path / "imagenet")
     with pytest.raises(DataError, match="world.json"):
@@ -403,7 +435,7 @@ def test_a_record_from_before_image_sizes_were_stored(tmp_path):
     for dataset, fresh_size, refused in (("cifar10", None, True), ("patterns", 32, False)):
         fresh = {"arch": TINY, "weights": None, "weights_file": None, "indices": [0, 1], "sample_ids": ["a", "b"],
                  "attack": {"name": "pgd"}, "head": "h", "seed": 0, "batch_size": 2, "dataset": dataset,
-                 "image_size": fresh_size}
+                 "image_size": fresh_size, "data": None}
         legacy = {k: v for k, v in fresh.items() if k != "image_size"}
         path = tmp_path / f"{dataset}.json"
         path.write_text(json.dumps(legacy))
@@ -432,7 +464,11 @@ def test_imagenet_evaluation_needs_all_1000_class_folders(tmp_path):
     Image.new("RGB", (8, 8)).save(val / "n01440764" / "a.JPEG", format="JPEG")
     with pytest.raises(DataError, match="has 1 <wnid> class folders under val/, not 1000"):
         imagenet_dataset(tmp_path / "imagenet", list_file=lst, image_size=8)
-    for k in range(999):  # the other classes' folders may be empty
-        (val / f"n{10_000_000 + k:08d}").mkdir()
+    others = list(imagenet_wnids()[1:])
+    for wnid in others[:-1] + ["n99999999"]:  # the other classes' folders may be empty; one is stray
+        (val / wnid).mkdir()
+    with pytest.raises(DataError, match=f"not ImageNet-1k: n99999999; missing: {others[-1]}"):
+        imagenet_dataset(tmp_path / "imagenet", list_file=lst, image_size=8)
+    (val / "n99999999").rename(val / others[-1])
     entry = imagenet_dataset(tmp_path / "imagenet", list_file=lst, image_size=8)
-    assert len(entry.classnames) == 1000 and entry.classnames[0] != "n01440764"
+    assert len(entry.classnames) == 1000 and entry.classnames[0] == "tench"

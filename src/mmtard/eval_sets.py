@@ -14,7 +14,7 @@ from typing import Sequence
 
 from torch.utils.data import Dataset
 
-from mmtard.errors import DataError
+from mmtard.errors import ConfigError, DataError
 
 
 @dataclass
@@ -102,6 +102,17 @@ def suite_image_size(name: str, variable_size: int = 224) -> int | None:
     return None if name in NATIVE_SIZE_SETS else variable_size
 
 
+def _suite_root(root: str | Path, name: str) -> str | Path:
+    """``root`` for the set ``name``: its template filled in, or its sub-folder."""
+    if "{" not in str(root):
+        return Path(root) / name
+    try:
+        return str(root).format(name=name, dataset=name)
+    except (KeyError, IndexError, ValueError) as exc:  # {split}, {0}, an unmatched brace
+        raise ConfigError(f"suite dataset root {str(root)!r}: a template may hold only {{name}} (or {{dataset}}), "
+                          f"each in single braces; {type(exc).__name__}: {exc}") from exc
+
+
 def suite_datasets(names: Sequence[str], root: str | Path, image_size: int | None | str = "auto") -> list[DatasetEntry]:
     """Sets of the clip-benchmark zero-shot suite.
 
@@ -114,7 +125,7 @@ def suite_datasets(names: Sequence[str], root: str | Path, image_size: int | Non
 
     out = []
     for name in names:
-        where = str(root).format(name=name, dataset=name) if "{" in str(root) else Path(root) / name
+        where = _suite_root(root, name)
         size = suite_image_size(name) if image_size == "auto" else image_size
         ds = build_zeroshot_dataset(name, where, image_size=size)
         classnames = suite_classnames(name) or list(ds.classnames)

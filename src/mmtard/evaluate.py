@@ -87,6 +87,28 @@ def _file_stamp(weights: str | None) -> dict | None:
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+def _data_digest(dataset, indices: Sequence[int]) -> str | None:
+    """Digest of the evaluated images' bytes and labels, for datasets read from files.
+
+    The sample ids are paths relative to the dataset's root, so a dataset regenerated or replaced
+    in place (another world seed, re-extracted files, a stray class folder that shifts the labels)
+    keeps them; resuming would then mix verdicts on two sets of images. Reading the evaluated
+    files once more costs about a second per 5 000 ImageNet images, far below one attack batch.
+    Datasets without files (shards, in-memory sets) are not checked.
+    """
+    files, targets = getattr(dataset, "files", None), getattr(dataset, "targets", None)
+    if files is None or targets is None:
+        return None
+    digest = hashlib.sha256()
+    for i in indices:
+        try:
+            content = Path(files[i]).read_bytes()
+        except OSError as exc:
+            raise DataError(f"{files[i]}: cannot be read ({exc.strerror or exc})") from exc
+        digest.update(hashlib.sha256(content).digest() + str(targets[i]).encode() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def _sample_path(out_dir: Path, row: str, dataset: str) -> Path:
     return out_dir / "samples" / row / f"{dataset}.json"
 
@@ -128,9 +150,14 @@ def _open_record(path: Path, fresh: dict) -> dict:
     # in another pixel space (earlier versions attacked every suite set at 224 px)
     if "image_size" not in old:  # written before image sizes were recorded: that version's size
         old = {**old, "image_size": 224 if old.get("dataset") in NATIVE_SIZE_SETS else fresh["image_size"]}
-    for key in ("arch", "weights", "weights_file", "indices", "sample_ids", "attack", "head", "seed", "image_size"):
+    if "data" not in old:  # written before the images were digested: nothing to compare
+        old = {**old, "data": fresh["data"]}
+    for key in ("arch", "weights", "weights_file", "indices", "sample_ids", "data", "attack", "head", "seed",
+                "image_size"):
         if old.get(key) != fresh[key]:
-            hint = " (--n-samples / --imagenet-samples or --seed changed?)" if key == "indices" else ""
+            hint = {"indices": " (--n-samples / --imagenet-samples or --seed changed?)",
+                    "data": " (the evaluated images or their labels changed since: dataset regenerated or "
+                            "files replaced)"}.get(key, "")
             raise ConfigError(
                 f"{path} was written by a different evaluation ({key} differs: stored "
                 f"{str(old.get(key))[:80]!r}, now {str(fresh[key])[:80]!r}){hint}. Use another out_dir, or "
@@ -392,7 +419,7 @@ def run_eval(
     out_dir = Path(out_dir)
     for entry in datasets:
         _check_head(entry)
-    rows, cache = {}, {}
+    rows, cache, data_digests = {}, {}, {}
     warnings_seen: list[str] = []
     for model in models:
         row = {"arch": model.arch, "weights": model.weights, "weights_file": _file_stamp(model.weights),
@@ -400,6 +427,9 @@ def run_eval(
         for entry in datasets:
             path = _sample_path(out_dir, model.row, entry.name)
             fresh = _new_record(model, entry, spec, sizes.get(entry.name), seed, batch_size)
+            if entry.name not in data_digests:  # the same images for every model
+                data_digests[entry.name] = _data_digest(entry.dataset, fresh["indices"])
+            fresh["data"] = data_digests[entry.name]
             record = run_on_main(_open_record, path, fresh)  # under torchrun, rank 0 reads and shares it
             if _missing_chunks(record, list(eps)):
                 classifier = _load_classifier(model, device, cache)

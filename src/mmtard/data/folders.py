@@ -48,7 +48,30 @@ def imagenet_classnames() -> list[str]:
     return list(_open_clip_imagenet_classnames())
 
 
-def folder_classnames(class_dirs: Sequence[str]) -> list[str]:
+@lru_cache(maxsize=1)
+def imagenet_wnids() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k wnids in standard order (timm's table; timm comes with open_clip)."""
+    from timm.data import ImageNetInfo
+
+    return tuple(ImageNetInfo().label_names())
+
+
+def check_imagenet_wnids(wnids: Sequence[str], where: str | Path) -> None:
+    """Raise a DataError unless ``wnids`` are exactly ImageNet-1k's: 1000 wnid-like folders that
+    include a stray one (and lack a real class) would shift every later label by one."""
+    expected = imagenet_wnids()
+    if list(wnids) == list(expected):
+        return
+    if sorted(wnids) == sorted(expected):
+        raise DataError(f"{where}: the 1000 ImageNet wnids are given out of ImageNet's (sorted) order, so labels would "
+                        "not match the class names")
+    unknown, absent = sorted(set(wnids) - set(expected)), sorted(set(expected) - set(wnids))
+    raise DataError(f"{where}: the class folders are not ImageNet-1k's 1000 wnids (not ImageNet-1k: "
+                    f"{', '.join(unknown[:5]) or 'none'}; missing: {', '.join(absent[:5]) or 'none'}), so labels "
+                    "would not follow ImageNet's order. Remove the extra folders and restore the missing ones.")
+
+
+def folder_classnames(class_dirs: Sequence[str], where: str | Path = "class folders") -> list[str]:
     """Human-readable names for sorted class folder names.
 
     All 1000 ImageNet wnids map to open_clip's ImageNet class names. Other names have
@@ -57,6 +80,7 @@ def folder_classnames(class_dirs: Sequence[str]) -> list[str]:
     """
     if class_dirs and all(is_wnid(d) for d in class_dirs):
         if len(class_dirs) == 1000:
+            check_imagenet_wnids(class_dirs, where)
             return imagenet_classnames()
         _logger.warning(
             "%d of the 1000 ImageNet wnids found: class names stay wnids; pass classnames= to name them.",
@@ -125,7 +149,7 @@ class ImageFolderDataset(ImageListDataset):
         sample_ids = [f.relative_to(root).as_posix() for f in files]
         super().__init__(root, files, labels, sample_ids, image_size, augment, strict)
         self.class_dirs = class_dirs
-        self.classnames = list(classnames) if classnames is not None else folder_classnames(class_dirs)
+        self.classnames = list(classnames) if classnames is not None else folder_classnames(class_dirs, root)
 
 
 def imagenet_folder(

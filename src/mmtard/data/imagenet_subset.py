@@ -7,7 +7,7 @@ from importlib import resources
 from pathlib import Path
 
 from mmtard.data.base import ImageListDataset, require_dir
-from mmtard.data.folders import IMAGENET_LAYOUT, imagenet_classnames, is_wnid
+from mmtard.data.folders import IMAGENET_LAYOUT, check_imagenet_wnids, imagenet_classnames, is_wnid
 from mmtard.errors import DataError
 
 SUBSET_LIST_NAME = "imagenet_5000_val_subset.txt"
@@ -76,6 +76,8 @@ def imagenet_val_subset(
             f"first missing: {missing[0]}. Expected layout: {IMAGENET_LAYOUT}"
         )
     ds = ImageListDataset(val_dir, files, labels, list(entries), image_size, False, strict)
+    if len(wnids) == 1000:
+        check_imagenet_wnids(wnids, val_dir)
     ds.classnames = imagenet_classnames() if len(wnids) == 1000 else list(wnids)
     ds.wnids = list(wnids)
     return ds
