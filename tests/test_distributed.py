@@ -217,3 +217,29 @@ def test_a_non_finite_value_on_one_rank_stops_every_rank(world_dir, tmp_path):
     proc = _distill(world_dir, tmp_path, tmp_path / "run", script=script)
     assert proc.returncode != 0
     assert proc.stderr.count("training diverged by step 2: non-finite loss_robust") == 2, proc.stderr[-3000:]
+
+
+def test_only_a_lost_peer_is_reported_as_one(monkeypatch):
+    """A peer's death or silence becomes one readable refusal; a local backend failure (NCCL out of
+    memory, a bad tensor) keeps its own error, since rerunning would fail the same way."""
+    from torch import distributed as dist
+
+    from mmtard import distributed
+    from mmtard.distributed import DistEnv, RankLostError, lost_ranks_reported
+
+    monkeypatch.setattr(distributed, "current_env", lambda: DistEnv(rank=1, world_size=2))
+    lost = [RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.2]"),
+            RuntimeError("Timed out waiting 600000ms for recv operation to complete"),
+            dist.DistNetworkError("failed to recv, got 0 bytes")]
+    for exc in lost:
+        with pytest.raises(RankLostError, match="rank 1: another rank died"):
+            with lost_ranks_reported("run the same command again"):
+                raise exc
+    local = [RuntimeError("gloo: invalid tensor size 3 != 4"),
+             dist.DistBackendError("NCCL error in ProcessGroupNCCL.cpp:1970, unhandled cuda error, "
+                                   "Cuda failure 'out of memory'")]
+    for exc in local:
+        with pytest.raises(type(exc)) as raised:
+            with lost_ranks_reported("run the same command again"):
+                raise exc
+        assert raised.value is exc

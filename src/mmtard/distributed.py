@@ -24,7 +24,10 @@ from mmtard.errors import ConfigError, MmtardError
 T = TypeVar("T")
 TIMEOUT_ENV = "MMTARD_DIST_TIMEOUT"
 # What gloo and NCCL put in the RuntimeError of a collective whose peer died or never answered.
-_LOST_PEER_MARKERS = ("Timed out", "timed out", "Connection closed by peer", "Connection reset", "NCCL", "gloo")
+# Not the bare backend names: a local failure (NCCL out of memory, a bad tensor) names them too,
+# and blaming it on a peer would send the user to rerun a command that fails the same way.
+_LOST_PEER_MARKERS = ("Timed out", "timed out", "Connection closed by peer", "Connection reset", "ncclRemoteError",
+                      "remote process exit", "communicator was aborted", "Watchdog caught collective operation timeout")
 
 
 class RankLostError(MmtardError):
@@ -185,7 +188,9 @@ def lost_ranks_reported(hint: str) -> Iterator[None]:
         yield
     except RuntimeError as exc:
         env = current_env()
-        if not (env.enabled and (isinstance(exc, dist.DistError) or any(m in str(exc) for m in _LOST_PEER_MARKERS))):
+        peer = isinstance(exc, (dist.DistNetworkError, dist.DistStoreError)) or any(
+            m in str(exc) for m in _LOST_PEER_MARKERS)
+        if not (env.enabled and peer):
             raise
         first = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
         raise RankLostError(f"rank {env.rank}: another rank died or did not answer within {TIMEOUT_ENV}="
