@@ -321,3 +321,27 @@ def test_eval_and_report_refusals(world_dir, tmp_path, capsys):
                  str(damaged / "config.yaml"), part)
     _refused(capsys, ["report", str(tmp_path / "nothing"), "--out", str(tmp_path / "rep")],
              f"report input {tmp_path / 'nothing'} does not exist")
+
+
+def test_disk_full_while_writing_results_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    """results.json, config.yaml, run.json and report.md go through the same atomic write as the
+    checkpoints: a failed write names the file, leaves no temporary file and keeps the old one."""
+    from mmtard import checkpoint
+    from mmtard.errors import MmtardError
+    from mmtard.results import write_json_atomic
+
+    target = tmp_path / "eval" / "results.json"
+    write_json_atomic({"round": 1}, target)
+    real_replace = checkpoint.durable_replace
+
+    def full_disk(tmp, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint, "durable_replace", full_disk)
+    with pytest.raises(MmtardError, match=f"cannot write {target}: No space left on device"):
+        write_json_atomic({"round": 2}, target)
+    assert [p.name for p in target.parent.iterdir()] == ["results.json"]
+    assert json.loads(target.read_text()) == {"round": 1}
+    monkeypatch.setattr(checkpoint, "durable_replace", real_replace)
+    write_json_atomic({"round": 2}, target)
+    assert json.loads(target.read_text()) == {"round": 2}

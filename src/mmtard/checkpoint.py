@@ -14,7 +14,7 @@ import pickle
 import random
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -44,8 +44,8 @@ def durable_replace(tmp: str | Path, path: str | Path) -> None:
         log.debug("cannot fsync the folder of %s: %s", path, exc)
 
 
-def atomic_save(obj: Any, path: str | Path) -> Path:
-    """torch.save through a temporary file and an atomic rename, fsynced.
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """``write(handle)`` to a temporary file, then an atomic, fsynced rename over ``path``.
 
     A failed write (disk full, quota, permissions) removes the temporary file, leaves any previous
     file at ``path`` untouched and raises an MmtardError naming ``path``.
@@ -55,7 +55,7 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
         durable_replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
@@ -64,6 +64,16 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
                               "intact. Free space (or fix the folder) and run the same command again") from exc
         raise
     return path
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """torch.save through :func:`atomic_write`."""
+    return atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def atomic_write_text(text: str, path: str | Path) -> Path:
+    """UTF-8 text through :func:`atomic_write`."""
+    return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:

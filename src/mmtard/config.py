@@ -365,9 +365,6 @@ def save_config(config: Any, path: str | Path) -> None:
     """Write the resolved config; through a temporary file and a durable rename, so that a run
     killed while writing it (or a machine that lost power) still finds a whole config to compare
     against when resumed."""
-    from mmtard.checkpoint import durable_replace
+    from mmtard.checkpoint import atomic_write_text
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    durable_replace(tmp, path)
+    atomic_write_text(yaml.safe_dump(to_dict(config), sort_keys=False), path)

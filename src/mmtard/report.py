@@ -18,6 +18,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from mmtard.checkpoint import atomic_write_text
 from mmtard.errors import DataError
 from mmtard.results import RESULTS_NAME, eps_value, merge_results, now_iso, sanity_checks, sorted_eps
 
@@ -325,9 +326,6 @@ def run_report(inputs: Sequence[str | Path], out_dir: str | Path) -> Path:
                 continue
             lines += [f"### {heading}", "", f"![training {heading}]({figure.name})", ""]
     lines += _sanity_section(results, notes)
-    path = out_dir / REPORT_NAME
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    tmp.replace(path)
+    path = atomic_write_text("\n".join(lines), out_dir / REPORT_NAME)
     log.info("report written to %s", path)
     return path

@@ -36,12 +36,11 @@ import datetime as _dt
 import json
 import logging
 import math
-import os
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterable
 
-from mmtard.checkpoint import durable_replace
+from mmtard.checkpoint import atomic_write_text
 from mmtard.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -72,13 +71,9 @@ def sorted_eps(keys: Iterable[str]) -> list[str]:
 
 
 def write_json_atomic(obj: dict, path: str | Path) -> Path:
-    """Write JSON through a temporary file and a durable rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    durable_replace(tmp, path)
-    return path
+    """Write JSON through a temporary file and a durable rename, so a crash never leaves half a
+    file, and a failed write names ``path`` and leaves the previous file whole."""
+    return atomic_write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", path)
 
 
 # ----------------------------------------------------------------------------- summaries

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from mmtard.checkpoint import latest_checkpoint
+from mmtard.checkpoint import atomic_write_text, latest_checkpoint
 from mmtard.config import Config, from_dict, to_dict
 from mmtard.errors import ConfigError, MmtardError
 
@@ -143,4 +143,4 @@ def environment_info() -> dict:
 def write_run_info(run_dir: Path, world_size: int, plan) -> None:
     info = {**environment_info(), "world_size": world_size, "micro_batch": plan.micro_batch,
             "accumulation": plan.accumulation, "pid": os.getpid()}
-    (run_dir / "run.json").write_text(json.dumps(info, indent=2))
+    atomic_write_text(json.dumps(info, indent=2), run_dir / "run.json")
