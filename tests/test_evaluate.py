@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -247,20 +248,53 @@ def test_images_replaced_in_place_are_not_mistaken_for_the_evaluated_ones(world_
     first = run_eval([ModelEntry("m", TINY)], world_datasets(world, sets=["world-shapes"]), **kwargs)
     record_path = tmp_path / "eval" / "samples" / "m" / "world-shapes.json"
     record = json.loads(record_path.read_text())
-    # an unchanged dataset resumes (nothing to redo)
+    assert set(record["data"]) == {"files", "bytes"}
+    # an unchanged dataset resumes (nothing to redo), as does one whose files were touched or copied
+    assert run_eval([ModelEntry("m", TINY)], world_datasets(world, sets=["world-shapes"]), **kwargs)["models"] \
+        == first["models"]
+    evaluated = world_datasets(world, sets=["world-shapes"])[0].dataset.root / record["sample_ids"][0]
+    os.utime(evaluated, ns=(1, 1))
     assert run_eval([ModelEntry("m", TINY)], world_datasets(world, sets=["world-shapes"]), **kwargs)["models"] \
         == first["models"]
     # the same file names with other images (a regenerated dataset) are refused by name
-    evaluated = world_datasets(world, sets=["world-shapes"])[0].dataset.root / record["sample_ids"][0]
     other = next(p for p in world.rglob("*.png") if p.read_bytes() != evaluated.read_bytes())
     shutil.copyfile(other, evaluated)
-    with pytest.raises(ConfigError, match=r"data differs.*images or their labels changed"):
+    with pytest.raises(ConfigError, match=r"world-shapes.json was written on other images or labels"):
         run_eval([ModelEntry("m", TINY)], world_datasets(world, sets=["world-shapes"]), **kwargs)
     # a record written before the digest existed has nothing to compare, and resumes
     del record["data"]
     record_path.write_text(json.dumps(record))
     assert run_eval([ModelEntry("m", TINY)], world_datasets(world, sets=["world-shapes"]), **kwargs)["models"] \
         == first["models"]
+
+
+def test_dataset_digest_covers_labels_and_unreadable_files(tmp_path):
+    from types import SimpleNamespace
+
+    from mmtard.dataset_digest import dataset_digest
+
+    files = [tmp_path / f"{i}.png" for i in range(3)]
+    for i, f in enumerate(files):
+        f.write_bytes(bytes([i]) * 10)
+    listed = SimpleNamespace(files=[str(f) for f in files], targets=[0, 1, 1])
+    relabelled = SimpleNamespace(files=listed.files, targets=[0, 1, 0])
+
+    class Wrapped:  # a clip-benchmark set around a torchvision ImageFolder: (path, label) samples
+        inner = SimpleNamespace(samples=list(zip(listed.files, listed.targets)))
+
+        def __len__(self):
+            return 3
+
+    for kind in ("files", "bytes"):
+        digest = dataset_digest(listed, [0, 2], kind)
+        assert digest != dataset_digest(relabelled, [0, 2], kind)  # a label alone changed
+        assert digest == dataset_digest(Wrapped(), [0, 2], kind)
+        assert dataset_digest(SimpleNamespace(), [0], kind) is None  # shards, in-memory sets
+    before = dataset_digest(listed, [0, 2], "bytes")
+    files[2].write_bytes(b"other image")
+    assert dataset_digest(listed, [0, 2], "bytes") != before
+    files[2].unlink()  # the loader skips it and notes it; the digest must not stop the evaluation
+    assert dataset_digest(listed, [0, 2], "bytes") not in (None, before)
 
 
 def test_rewritten_weights_file_is_not_mistaken_for_the_evaluated_one(tmp_path):
@@ -469,6 +503,10 @@ def test_imagenet_evaluation_needs_all_1000_class_folders(tmp_path):
         (val / wnid).mkdir()
     with pytest.raises(DataError, match=f"not ImageNet-1k: n99999999; missing: {others[-1]}"):
         imagenet_dataset(tmp_path / "imagenet", list_file=lst, image_size=8)
+    for wnid in others[:-1] + ["n99999999"]:  # the whole val folder: one image per class
+        Image.new("RGB", (8, 8)).save(val / wnid / "b.JPEG", format="JPEG")
+    with pytest.raises(DataError, match=f"not ImageNet-1k: n99999999; missing: {others[-1]}"):
+        imagenet_dataset(tmp_path / "imagenet", image_size=8, full_val=True)
     (val / "n99999999").rename(val / others[-1])
     entry = imagenet_dataset(tmp_path / "imagenet", list_file=lst, image_size=8)
     assert len(entry.classnames) == 1000 and entry.classnames[0] == "tench"

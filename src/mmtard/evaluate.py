@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mmtard.attacks import format_eps, parse_eps
+from mmtard.dataset_digest import dataset_digest, same_data
 from mmtard.autoattack import AttackSpec, robust_flags, strict_fp32
 from mmtard.distributed import all_gather_object, current_env, run_on_main
 from mmtard.errors import ConfigError, DataError, MmtardError
@@ -87,28 +88,6 @@ def _file_stamp(weights: str | None) -> dict | None:
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def _data_digest(dataset, indices: Sequence[int]) -> str | None:
-    """Digest of the evaluated images' bytes and labels, for datasets read from files.
-
-    The sample ids are paths relative to the dataset's root, so a dataset regenerated or replaced
-    in place (another world seed, re-extracted files, a stray class folder that shifts the labels)
-    keeps them; resuming would then mix verdicts on two sets of images. Reading the evaluated
-    files once more costs about a second per 5 000 ImageNet images, far below one attack batch.
-    Datasets without files (shards, in-memory sets) are not checked.
-    """
-    files, targets = getattr(dataset, "files", None), getattr(dataset, "targets", None)
-    if files is None or targets is None:
-        return None
-    digest = hashlib.sha256()
-    for i in indices:
-        try:
-            content = Path(files[i]).read_bytes()
-        except OSError as exc:
-            raise DataError(f"{files[i]}: cannot be read ({exc.strerror or exc})") from exc
-        digest.update(hashlib.sha256(content).digest() + str(targets[i]).encode() + b"\0")
-    return digest.hexdigest()[:16]
-
-
 def _sample_path(out_dir: Path, row: str, dataset: str) -> Path:
     return out_dir / "samples" / row / f"{dataset}.json"
 
@@ -136,33 +115,40 @@ def _new_record(
     }
 
 
-def _open_record(path: Path, fresh: dict) -> dict:
+def _open_record(path: Path, fresh: dict, data_digest: Callable[[str], str | None] | None = None) -> dict:
     """The stored record if it describes the same evaluation, else the fresh one; a stored record
-    of a *different* evaluation is refused rather than silently mixed or overwritten."""
+    of a *different* evaluation is refused rather than silently mixed or overwritten.
+    ``data_digest(kind)`` digests the evaluated files (:mod:`mmtard.dataset_digest`); a fresh
+    record keeps both kinds."""
+    data_digest = data_digest or (lambda kind: None)
+
+    def new_record() -> dict:
+        files = data_digest("files")
+        return {**fresh, "data": None if files is None else {"files": files, "bytes": data_digest("bytes")}}
+
     if not path.is_file():
-        return fresh
+        return new_record()
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         log.warning("%s is unreadable; starting it again", path)
-        return fresh
+        return new_record()
     # sample_ids: the same positions may now hold other images; image_size: eps would be measured
     # in another pixel space (earlier versions attacked every suite set at 224 px)
     if "image_size" not in old:  # written before image sizes were recorded: that version's size
         old = {**old, "image_size": 224 if old.get("dataset") in NATIVE_SIZE_SETS else fresh["image_size"]}
-    if "data" not in old:  # written before the images were digested: nothing to compare
-        old = {**old, "data": fresh["data"]}
-    for key in ("arch", "weights", "weights_file", "indices", "sample_ids", "data", "attack", "head", "seed",
-                "image_size"):
+    for key in ("arch", "weights", "weights_file", "indices", "sample_ids", "attack", "head", "seed", "image_size"):
         if old.get(key) != fresh[key]:
-            hint = {"indices": " (--n-samples / --imagenet-samples or --seed changed?)",
-                    "data": " (the evaluated images or their labels changed since: dataset regenerated or "
-                            "files replaced)"}.get(key, "")
+            hint = " (--n-samples / --imagenet-samples or --seed changed?)" if key == "indices" else ""
             raise ConfigError(
                 f"{path} was written by a different evaluation ({key} differs: stored "
                 f"{str(old.get(key))[:80]!r}, now {str(fresh[key])[:80]!r}){hint}. Use another out_dir, or "
                 "delete that file to recompute it."
             )
+    if not same_data(old.get("data"), data_digest):  # None: written before digests, nothing to compare
+        raise ConfigError(f"{path} was written on other images or labels under the same names (data differs: the "
+                          "dataset was regenerated or its files replaced since). Use another out_dir, or delete "
+                          "that file to recompute it.")
     if old.get("batch_size") != fresh["batch_size"]:
         # Batches are part of what makes a resumed run exact (AutoAttack draws its random starts
         # per batch), so the stored batching wins over the one asked for now.
@@ -419,7 +405,7 @@ def run_eval(
     out_dir = Path(out_dir)
     for entry in datasets:
         _check_head(entry)
-    rows, cache, data_digests = {}, {}, {}
+    rows, cache, digests = {}, {}, {}
     warnings_seen: list[str] = []
     for model in models:
         row = {"arch": model.arch, "weights": model.weights, "weights_file": _file_stamp(model.weights),
@@ -427,10 +413,14 @@ def run_eval(
         for entry in datasets:
             path = _sample_path(out_dir, model.row, entry.name)
             fresh = _new_record(model, entry, spec, sizes.get(entry.name), seed, batch_size)
-            if entry.name not in data_digests:  # the same images for every model
-                data_digests[entry.name] = _data_digest(entry.dataset, fresh["indices"])
-            fresh["data"] = data_digests[entry.name]
-            record = run_on_main(_open_record, path, fresh)  # under torchrun, rank 0 reads and shares it
+
+            def data_digest(kind: str, entry: DatasetEntry = entry, indices: list = fresh["indices"]) -> str | None:
+                if (entry.name, kind) not in digests:  # the same images for every model: once per run
+                    digests[entry.name, kind] = dataset_digest(entry.dataset, indices, kind)
+                return digests[entry.name, kind]
+
+            # under torchrun, rank 0 reads (and digests) and shares it
+            record = run_on_main(_open_record, path, fresh, data_digest)
             if _missing_chunks(record, list(eps)):
                 classifier = _load_classifier(model, device, cache)
                 classifier.set_text_weights(_head(classifier, model, entry, out_dir))

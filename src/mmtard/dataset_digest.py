@@ -1,0 +1,66 @@
+"""Which images an evaluation record was computed on, beyond their names.
+
+An evaluation record names its samples by path relative to the dataset root, so a dataset
+regenerated or replaced in place (another world seed, re-extracted files, a stray class folder
+that shifts the labels) keeps every name; resuming into such a record would mix verdicts on two
+sets of images. A record therefore keeps two digests of the files it evaluated, each with their
+labels: one of their sizes and modification times, cheap to recompute on every resume, and one of
+their bytes, read again only when the first differs (files copied or touched, same images).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable, Sequence
+
+#: the two digests of a record's ``data`` block: file sizes and mtimes, then file contents
+KINDS = ("files", "bytes")
+
+
+def evaluated_files(dataset) -> tuple[Sequence, Sequence] | None:
+    """(image paths, labels) of a dataset read from image files, by index; None for the others
+    (webdataset shards, in-memory sets, torchvision sets kept in a few binary files)."""
+    files, targets = getattr(dataset, "files", None), getattr(dataset, "targets", None)
+    if files is not None and targets is not None:  # mmtard's folder, list and CSV datasets
+        return files, targets
+    samples = getattr(getattr(dataset, "inner", None), "samples", None)  # a wrapped torchvision ImageFolder
+    if isinstance(samples, list) and samples and len(samples) == len(dataset) and isinstance(samples[0], tuple):
+        return [s[0] for s in samples], [s[1] for s in samples]
+    return None
+
+
+def dataset_digest(dataset, indices: Sequence[int], kind: str) -> str | None:
+    """Digest of the files at ``indices`` and their labels: ``kind`` ``files`` hashes sizes and
+    modification times, ``bytes`` the contents. A file that cannot be read enters as its error
+    (the loader skips it and the record notes it), so the digest never stops an evaluation."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    listed = evaluated_files(dataset)
+    if listed is None:
+        return None
+    files, targets = listed
+    digest = hashlib.sha256()
+    for i in indices:
+        path = Path(files[i])
+        try:
+            if kind == "bytes":
+                mark = hashlib.sha256(path.read_bytes()).hexdigest()
+            else:
+                stat = path.stat()
+                mark = f"{stat.st_size}:{stat.st_mtime_ns}"
+        except OSError as exc:
+            mark = f"unreadable:{exc.errno}"
+        digest.update(f"{mark}|{targets[i]}\0".encode())
+    return digest.hexdigest()[:16]
+
+
+def same_data(stored: dict | None, current: Callable[[str], str | None]) -> bool:
+    """Whether a record's ``data`` block (None: written before digests, or a dataset without
+    files) still describes the dataset whose digests ``current(kind)`` computes, lazily: the bytes
+    are read only when the sizes and modification times differ."""
+    if stored is None:
+        return True
+    if stored.get("files") == current("files"):
+        return True
+    return stored.get("bytes") is not None and stored.get("bytes") == current("bytes")
