@@ -68,22 +68,24 @@ def check_imagenet_wnids(wnids: Sequence[str], where: str | Path) -> None:
     unknown, absent = sorted(set(wnids) - set(expected)), sorted(set(expected) - set(wnids))
     raise DataError(f"{where}: the class folders are not ImageNet-1k's 1000 wnids (not ImageNet-1k: "
                     f"{', '.join(unknown[:5]) or 'none'}; missing: {', '.join(absent[:5]) or 'none'}), so labels "
-                    "would not follow ImageNet's order. Remove the extra folders and restore the missing ones.")
+                    "would not follow ImageNet's order. Remove the extra folders and restore the missing ones; "
+                    "for another set of 1000 classes, read it as an image folder (data.source=imagefolder) "
+                    "with its own class names.")
 
 
-def folder_classnames(class_dirs: Sequence[str], where: str | Path = "class folders") -> list[str]:
+def folder_classnames(class_dirs: Sequence[str]) -> list[str]:
     """Human-readable names for sorted class folder names.
 
-    All 1000 ImageNet wnids map to open_clip's ImageNet class names. Other names have
-    underscores replaced by spaces. A partial set of wnids keeps the wnids themselves (there is no
-    wnid -> name table for an arbitrary subset); pass explicit class names in that case.
+    ImageNet-1k's 1000 wnids map to open_clip's ImageNet class names. Other names have
+    underscores replaced by spaces. Any other set of wnids (part of ImageNet-1k, or 1000 others
+    such as an ImageNet-21k subset) keeps the wnids themselves (there is no wnid -> name table for
+    those); pass explicit class names in that case.
     """
     if class_dirs and all(is_wnid(d) for d in class_dirs):
-        if len(class_dirs) == 1000:
-            check_imagenet_wnids(class_dirs, where)
+        if list(class_dirs) == list(imagenet_wnids()):
             return imagenet_classnames()
         _logger.warning(
-            "%d of the 1000 ImageNet wnids found: class names stay wnids; pass classnames= to name them.",
+            "%d wnid folders, not ImageNet-1k's 1000: class names stay wnids; pass classnames= to name them.",
             len(class_dirs),
         )
         return list(class_dirs)
@@ -149,7 +151,7 @@ class ImageFolderDataset(ImageListDataset):
         sample_ids = [f.relative_to(root).as_posix() for f in files]
         super().__init__(root, files, labels, sample_ids, image_size, augment, strict)
         self.class_dirs = class_dirs
-        self.classnames = list(classnames) if classnames is not None else folder_classnames(class_dirs, root)
+        self.classnames = list(classnames) if classnames is not None else folder_classnames(class_dirs)
 
 
 def imagenet_folder(
@@ -174,4 +176,7 @@ def imagenet_folder(
     if split not in ("train", "val"):
         raise DataError(f"ImageNet split must be 'train' or 'val', got {split!r}.")
     require_dir(Path(root), IMAGENET_LAYOUT)
-    return ImageFolderDataset(Path(root) / split, image_size, augment, strict, layout=IMAGENET_LAYOUT)
+    ds = ImageFolderDataset(Path(root) / split, image_size, augment, strict, layout=IMAGENET_LAYOUT)
+    if len(ds.class_dirs) == 1000:  # a stray folder in place of a class would shift every later label
+        check_imagenet_wnids(ds.class_dirs, ds.root)
+    return ds
