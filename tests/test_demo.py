@@ -72,9 +72,10 @@ def test_demo_refuses_a_folder_from_another_command(tmp_path, capsys):
 
 
 def test_demo_names_a_damaged_marker(tmp_path, capsys):
-    (tmp_path / "demo.json").write_text('{"plan": ')  # cut off mid-write by an older version
-    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 2
-    assert "demo.json is damaged" in capsys.readouterr().err
+    for damaged in ('{"plan": ', "[]"):  # cut off mid-write by an older version; not an object
+        (tmp_path / "demo.json").write_text(damaged)
+        assert main(["demo", "--quick", "--out", str(tmp_path)]) == 2
+        assert "demo.json is damaged" in capsys.readouterr().err
 
 
 def test_pretraining_refuses_fewer_pairs_than_one_batch(tmp_path):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -159,9 +160,10 @@ def run_demo(out: Path, quick: bool = False, seeds: int = 1) -> dict:
     """Run (or resume) the demo in ``out``; returns the results dict."""
     from mmtard.world import generate_world, load_world
 
-    # absolute: the stage configs store paths under it, and a resume must find the same ones
-    # whether --out is given relative or absolute, or from another working folder
-    out = Path(out).expanduser().resolve()
+    # absolute: the stage configs and evaluation records store paths under it, and a resume must
+    # find the same ones whether --out is given relative or absolute, or from another working
+    # folder (symbolic links are kept, as an absolute --out always kept them)
+    out = Path(os.path.abspath(Path(out).expanduser()))
     _check_out_dir(out)
     plan = QUICK if quick else FULL
     if seeds < 1:
@@ -171,8 +173,10 @@ def run_demo(out: Path, quick: bool = False, seeds: int = 1) -> dict:
         try:
             previous = json.loads(marker.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise MmtardError(f"{marker} is damaged ({exc}); delete it to resume this demo, or use another --out") \
-                from exc
+            previous = f"{type(exc).__name__}: {exc}"
+        if not isinstance(previous, dict):
+            raise MmtardError(f"{marker} is damaged ({str(previous)[:100]}); delete it to resume this demo, or use "
+                              "another --out")
         if previous.get("plan") != _plan_dict(plan):
             raise MmtardError(f"{out} holds a demo of another size (quick={not quick}); use another --out")
     write_json_atomic({"plan": _plan_dict(plan), "seeds": seeds}, marker)

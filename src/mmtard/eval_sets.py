@@ -8,6 +8,7 @@ the zero-shot average; the clip-benchmark suite and the world's zero-shot sets a
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -104,13 +105,17 @@ def suite_image_size(name: str, variable_size: int = 224) -> int | None:
 
 def _suite_root(root: str | Path, name: str) -> str | Path:
     """``root`` for the set ``name``: its template filled in, or its sub-folder."""
-    if "{" not in str(root):
+    if "{" not in str(root) and "}" not in str(root):
         return Path(root) / name
     try:
-        return str(root).format(name=name, dataset=name)
-    except (KeyError, IndexError, ValueError) as exc:  # {split}, {0}, an unmatched brace
+        fields = [(f, conv, spec) for _, f, spec, conv in string.Formatter().parse(str(root)) if f is not None]
+    except ValueError as exc:  # an unmatched brace
+        fields, error = None, exc
+    if fields is None or any(f not in ("name", "dataset") or conv or spec for f, conv, spec in fields):
+        detail = f"; {error}" if fields is None else ""
         raise ConfigError(f"suite dataset root {str(root)!r}: a template may hold only {{name}} (or {{dataset}}), "
-                          f"each in single braces; {type(exc).__name__}: {exc}") from exc
+                          f"each in single braces, with no attribute, index, conversion or format{detail}")
+    return str(root).format(name=name, dataset=name)
 
 
 def suite_datasets(names: Sequence[str], root: str | Path, image_size: int | None | str = "auto") -> list[DatasetEntry]:
