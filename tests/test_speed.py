@@ -335,6 +335,21 @@ def test_last_block_auto_rewrites_on_a_gpu_only():
     assert TrainConfig().last_block == "auto"
 
 
+def test_the_trainer_asks_the_device_for_the_auto_last_block(world_dir, tmp_path, monkeypatch):
+    from mmtard import tower_rewrites
+
+    asked = []
+
+    def as_on_a_gpu(setting, device):  # this CPU stands in for a GPU
+        asked.append((setting, device.type))
+        return setting in ("auto", "class_token")
+
+    monkeypatch.setattr(tower_rewrites, "wants_class_token_last_block", as_on_a_gpu)
+    trainer = Trainer(load_config(None, _overrides(world_dir)), tmp_path / "run", show_progress=False)
+    assert asked == [("auto", "cpu")]
+    assert [type(t.transformer.resblocks[-1]) for t in image_towers(trainer.method)] == [ClassTokenBlock] * 3
+
+
 def test_attention_kernels_give_the_same_loss(world_dir, tmp_path):
     trainer, batch = _fp32_trainer(world_dir, tmp_path / "run")
     losses = {}
