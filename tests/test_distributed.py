@@ -57,6 +57,26 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+# Rank 1 lists one training image fewer, as a rank reading a folder that changed mid-launch would.
+_ONE_IMAGE_FEWER_ON_RANK_1 = """
+import os, sys
+from mmtard import trainer
+from mmtard.cli import main
+
+build = trainer.build_dataset
+
+def one_image_fewer_on_rank_1(config):
+    dataset = build(config)
+    if os.environ["RANK"] == "1":
+        for listing in (dataset.files, dataset.targets, dataset.sample_ids):
+            listing.pop()
+    return dataset
+
+trainer.build_dataset = one_image_fewer_on_rank_1
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def _torchrun(*args: str, script: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     target = [str(script)] if script else ["-m", "mmtard"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *target,
@@ -243,3 +263,13 @@ def test_only_a_lost_peer_is_reported_as_one(monkeypatch):
             with lost_ranks_reported("run the same command again"):
                 raise exc
         assert raised.value is exc
+
+
+def test_ranks_that_list_different_data_are_refused(world_dir, tmp_path):
+    script = tmp_path / "fewer.py"
+    script.write_text(_ONE_IMAGE_FEWER_ON_RANK_1)
+    run = _distill(world_dir, tmp_path, tmp_path / "run", script=script)
+    assert run.returncode != 0
+    assert "the ranks see different training data" in run.stderr and "rank 1: 239 samples" in run.stderr, \
+        run.stderr[-3000:]
+    assert not list_checkpoints(tmp_path / "run")

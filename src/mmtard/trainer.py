@@ -28,7 +28,7 @@ from mmtard.config import Config, save_config, to_dict
 from mmtard.data.base import SeededSamples
 from mmtard.distributed import (DistEnv, all_gather_object, all_reduce_mean, barrier, env_world_size,
                                  init_distributed, lost_ranks_reported, run_on_main)
-from mmtard.errors import ConfigError, MmtardError
+from mmtard.errors import ConfigError, DataError, MmtardError
 from mmtard.factory import (autocast_dtype, build_dataset, build_method, build_student, build_teachers,
                             resolve_device)
 from mmtard.lora import merged_copy
@@ -36,7 +36,7 @@ from mmtard.metrics import MetricsWriter
 from mmtard.models import export_open_clip
 from mmtard.runs import prepare_run_dir, start_fresh, write_run_info
 from mmtard.speed import attention_kernel, check_attention_kernel
-from mmtard.teacher_cache import CleanTeacherCache, weights_digest
+from mmtard.teacher_cache import CleanTeacherCache, samples_digest, weights_digest
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,7 @@ class Trainer:
         torch.manual_seed(config.train.seed)
 
         self.dataset = build_dataset(config.data)
+        self._check_same_dataset_on_every_rank()
         if len(self.dataset) < config.train.global_batch:  # an epoch is made of whole global batches
             raise ConfigError(f"train.global_batch: {config.train.global_batch} is more than the dataset's "
                               f"{len(self.dataset)} samples")
@@ -181,6 +182,18 @@ class Trainer:
         self.elapsed = 0.0  # training wall time over all sessions of this run (efficiency plots)
 
     # ------------------------------------------------------------------ set-up helpers
+    def _check_same_dataset_on_every_rank(self) -> None:
+        """Every rank computes the same epoch order over its own listing of the data, so the ranks
+        must list the same samples: one whose folder differs (files added or removed mid-launch,
+        another copy of the data on another node) would train on other images at each index."""
+        if not self.env.enabled:
+            return
+        listings = all_gather_object((len(self.dataset), samples_digest(self.dataset.sample_ids)))
+        if any(listing != listings[0] for listing in listings):
+            counts = ", ".join(f"rank {r}: {n} samples ({digest})" for r, (n, digest) in enumerate(listings))
+            raise DataError(f"the ranks see different training data under {self.config.data.root} ({counts}); "
+                            "every rank must read the same files")
+
     def _wrap_ddp(self, student: nn.Module) -> nn.Module:
         """Only the trainable student is wrapped; the attack keeps using the bare module."""
         if not self.env.enabled:
