@@ -56,7 +56,27 @@ def time_call(fn, device: torch.device, warmup: int, iters: int) -> float:
 
 
 def attention_call(kernel: str, q, k, v, backward: bool):
+    """One call (forward, and the input gradient where the step takes one) of ``kernel``;
+    ``short`` runs mmtard's kernel on the fused projection [B, L, 3E] the towers give it, where it
+    applies, and torch's choice (as in the towers) where it does not."""
     grad_out = torch.randn_like(q) if backward else None
+    if kernel == "short":
+        from mmtard.short_attention import applies, short_attention
+
+        batch, heads, tokens, dim = q.shape
+        qkv = torch.cat([t.detach().transpose(1, 2).reshape(batch, tokens, heads * dim) for t in (q, k, v)], -1)
+        if applies(qkv, heads):
+            qkv.requires_grad_(backward)
+            grad = grad_out.transpose(1, 2).reshape(batch, tokens, heads * dim) if backward else None
+
+            def short_call():
+                out = short_attention(qkv, heads)
+                if backward:
+                    torch.autograd.grad(out, qkv, grad)
+
+            short_call.served_by = "short"
+            return short_call
+        kernel = "auto"
 
     def call():
         with attention_kernel(kernel):
@@ -64,6 +84,7 @@ def attention_call(kernel: str, q, k, v, backward: bool):
         if backward:
             torch.autograd.grad(out, (q, k, v), grad_out)
 
+    call.served_by = kernel
     return call
 
 
@@ -91,7 +112,8 @@ def main(argv=None) -> int:
         flops = 4 * b * heads * tokens * tokens * dim * (3.5 if backward else 1.0)
         for kernel in ATTENTION_KERNELS:
             try:
-                seconds = time_call(attention_call(kernel, q, k, v, backward), device, warmup=3, iters=iters)
+                fn = attention_call(kernel, q, k, v, backward)
+                seconds = time_call(fn, device, warmup=3, iters=iters)
             except RuntimeError as exc:  # this kernel does not serve this device, dtype or shape
                 reason = str(exc).splitlines()[0][:120].replace(" ", "_")
                 print(f"RESULT {shape} kernel={kernel} refused={reason}", flush=True)
@@ -99,7 +121,8 @@ def main(argv=None) -> int:
             step_seconds[kernel] = step_seconds.get(kernel, 0.0) + calls * seconds
             served[kernel] = served.get(kernel, 0) + 1
             print(f"RESULT {shape} kernel={kernel} us_per_call={seconds * 1e6:.1f} "
-                  f"tflops={flops / seconds / 1e12:.2f} backward={backward} shape={b}x{heads}x{tokens}x{dim}",
+                  f"tflops={flops / seconds / 1e12:.2f} backward={backward} shape={b}x{heads}x{tokens}x{dim} "
+                  f"served_by={fn.served_by}",
                   flush=True)
     # The kernel that costs the step least over all three shapes (one kernel serves the whole step).
     whole = {k: t for k, t in step_seconds.items() if served[k] == len(shapes(batch))}

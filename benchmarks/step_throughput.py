@@ -198,8 +198,9 @@ def build_trainer(args, workdir: Path, compile_: bool):
         train=TrainConfig(steps=10**6, global_batch=args.batch, device=str(args.device), precision=args.precision,
                           log_every=10**6, ckpt_every=10**6, clean_teacher_cache=True, compile=compile_,
                           # open_clip's towers for the reference; main() rewrites them per
-                          # --patch-embed and --last-block
-                          patch_embed="conv", last_block="full", attention=args.attention),
+                          # --patch-embed, --last-block and --attention short
+                          patch_embed="conv", last_block="full",
+                          attention="auto" if args.attention == "short" else args.attention),
     )
     validate(config)
     run_dir = workdir / ("run-compiled" if compile_ else "run")
@@ -585,12 +586,15 @@ def main(argv=None) -> int:
             stage("autoattack", time_autoattack, args, trainer.student, device, timer)
         from mmtard import tower_rewrites
 
-        # what train.patch_embed (auto: on a GPU) and train.last_block do in factory.build_method
+        # what train.patch_embed, train.last_block (auto: on a GPU) and train.attention=short do in
+        # factory.build_method
         towers = tower_rewrites.image_towers(trainer.method)
         if tower_rewrites.wants_matmul_patch_embedding(args.patch_embed, device):
             emit("patch_embed", mode="matmul", towers=tower_rewrites.matmul_patch_embedding(towers))
         if tower_rewrites.wants_class_token_last_block(args.last_block, device):
             emit("last_block", mode="class_token", towers=tower_rewrites.class_token_last_block(towers))
+        if args.attention == "short":
+            emit("attention", mode="short", towers=tower_rewrites.short_sequence_attention(towers))
         flops = stage("flops", measure_flops, args, trainer, batches, timer) or {}
         summary = {}
         if args.compile in ("off", "both") and not args.no_eager:

@@ -382,7 +382,8 @@ def test_train_attention_switch(world_dir, tmp_path):
     step_with("auto")
     assert seen == [("math", True, False), ("auto", True, True)]
     assert torch.backends.cuda.flash_sdp_enabled()  # restored after the step
-    with pytest.raises(ConfigError, match="train.attention: 'fast' is not one of auto, flash, efficient, cudnn, math"):
+    with pytest.raises(ConfigError,
+                       match="train.attention: 'fast' is not one of auto, flash, efficient, cudnn, math, short"):
         load_config(None, _overrides(world_dir, **{"train.attention": "fast"}))
     with pytest.raises(ConfigError, match="train.attention: 'cudnn' needs a CUDA device"):
         Trainer(load_config(None, _overrides(world_dir, **{"train.attention": "cudnn"})), tmp_path / "cudnn",
@@ -391,6 +392,20 @@ def test_train_attention_switch(world_dir, tmp_path):
         check_attention_kernel("flash", torch.device("cuda"), None)
     check_attention_kernel("flash", torch.device("cuda"), torch.bfloat16)
     check_attention_kernel("efficient", torch.device("cuda"), None)
+
+
+def test_short_attention_rewrites_the_towers_and_keeps_the_loss(world_dir, tmp_path):
+    """train.attention=short gives every tower of at most 64 tokens mmtard's attention module (on a
+    CPU it computes through torch's attention), with the same loss and parameter names."""
+    from mmtard.short_attention import ShortSequenceAttention
+
+    plain, batch = _fp32_trainer(world_dir, tmp_path / "plain")
+    short, _ = _fp32_trainer(world_dir, tmp_path / "short", **{"train.attention": "short"})
+    for tower in image_towers(short.method):  # the tiny student and the small teachers: 17 and 37 tokens
+        blocks = tower.transformer.resblocks
+        assert all(type(b.attn) is ShortSequenceAttention for b in blocks), tower
+    assert list(short.student.state_dict()) == list(plain.student.state_dict())
+    torch.testing.assert_close(_method_loss(short, batch), _method_loss(plain, batch), rtol=1e-5, atol=1e-7)
 
 
 def test_compiled_runs_key_their_caches_by_attention_kernel(world_dir, tmp_path, monkeypatch):

@@ -49,8 +49,9 @@ PATCH_EMBEDS = ("auto", "conv", "matmul")
 #: class token alone on a GPU (5 % faster step on an H200), open_clip's block on a CPU
 LAST_BLOCKS = ("auto", "full", "class_token")
 #: train.attention: torch's scaled-dot-product-attention kernel (mmtard.speed.attention_kernel);
-#: auto leaves torch's choice
-ATTENTION_KERNELS = ("auto", "flash", "efficient", "cudnn", "math")
+#: auto leaves torch's choice; short: mmtard's own kernel for image towers of at most 64 tokens on
+#: a GPU (mmtard.short_attention), torch's choice elsewhere
+ATTENTION_KERNELS = ("auto", "flash", "efficient", "cudnn", "math", "short")
 
 
 @dataclass

@@ -135,6 +135,8 @@ def build_method(config: Config, student: CLIPClassifier, teachers: list[Teacher
         tower_rewrites.matmul_patch_embedding(towers)
     if tower_rewrites.wants_class_token_last_block(train.last_block, device):
         tower_rewrites.class_token_last_block(towers)
+    if train.attention == "short":
+        tower_rewrites.short_sequence_attention(towers)
     if train.compile or train.compile_attack:
         speed.tag_compile_caches(train.attention)  # both trace the attention kernel into graphs
     if train.compile:  # in place: parameter names, checkpoints and exports are unchanged

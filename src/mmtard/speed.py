@@ -75,7 +75,7 @@ def input_grad_only(module: nn.Module | None) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-_CPU_ATTENTION_KERNELS = ("auto", "flash", "math")  # what torch has on a CPU
+_CPU_ATTENTION_KERNELS = ("auto", "flash", "math", "short")  # what a CPU has (short: torch's attention there)
 _HALF_ONLY_ATTENTION_KERNELS = ("flash", "cudnn")  # on CUDA: fp16/bf16 only
 
 
@@ -108,7 +108,7 @@ def attention_kernel(name: str) -> contextlib.AbstractContextManager:
     """Within the block, scaled-dot-product attention runs ``name``'s kernel (``auto``: torch's
     choice). Every kernel computes the same attention; only the order of the sums differs. The
     backward runs the kernel the forward chose, so the forward alone needs the block."""
-    if name == "auto":
+    if name in ("auto", "short"):  # short: mmtard's own kernel, in the towers (tower_rewrites)
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -1,0 +1,200 @@
+"""Self-attention over short sequences as one Triton program per (image, head) (``train.attention: short``).
+
+The student's attention (ViT-B-32 at 224 px: 50 tokens, 12 heads of 64) runs about 130 times per
+training step, 120 of them in the PGD loop with an input gradient. torch's fused kernels are built
+for long sequences: on an H200 they reach about 18 TFLOP/s at 50 tokens (forward + backward, 193 us
+per call at batch 128; ``benchmarks/attention_kernels.py``). A head's whole problem fits in one
+program's registers: queries, keys and values are 50 x 64 each, so one program computes the
+scores, the softmax and the output, and the backward recomputes the scores from the saved
+log-sum-exp, as flash attention does, without the tiling and online softmax that long sequences
+need.
+
+The kernels read the fused query-key-value projection ``[B, L, 3E]`` in place and write the output
+``[B, L, E]`` (and the backward's ``[B, L, 3E]`` gradient) in the layout the projections use, so no
+transposes or copies surround them. Scores and softmax are fp32; as in flash attention, the
+probabilities are rounded to the inputs' 16-bit type for the product with the values.
+
+:class:`ShortSequenceAttention` is ``nn.MultiheadAttention`` with this kernel (same parameters,
+state dict and function); it falls back to torch's attention wherever the kernel does not apply:
+sequences over :data:`MAX_TOKENS`, masks, attention dropout, separate keys, fp32, or a CPU (unless
+Triton's interpreter is on: ``TRITON_INTERPRET=1``, which the tests use).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: the longest sequence the kernel takes (one block of rows); longer ones use torch's attention
+MAX_TOKENS = 64
+_HEAD_DIMS = (16, 32, 64, 128)
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton comes with torch's CUDA wheels
+    triton = None
+
+
+#: Triton runs its kernels in its CPU interpreter (``TRITON_INTERPRET=1``, read when Triton and
+#: this module are imported): the kernel then also serves fp32 and fp16 on a CPU, for the tests
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def applies(qkv: torch.Tensor, num_heads: int) -> bool:
+    """Whether the kernel serves a fused projection ``qkv`` of shape [B, L, 3E]."""
+    if triton is None or qkv.dim() != 3 or qkv.shape[-1] % (3 * num_heads):
+        return False
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    on_device = (qkv.is_cuda and qkv.dtype in (torch.bfloat16, torch.float16)) or (
+        INTERPRETED and qkv.device.type == "cpu" and qkv.dtype in (torch.float32, torch.float16))
+    return on_device and 1 <= qkv.shape[1] <= MAX_TOKENS and head_dim in _HEAD_DIMS and qkv.stride(-1) == 1
+
+
+if triton is not None:
+
+    @triton.jit
+    def _forward_kernel(qkv, out, lse, length, heads, qkv_stride_b, qkv_stride_l, out_stride_b, out_stride_l,
+                        scale, EMBED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+        program = tl.program_id(0)
+        b, h = program // heads, program % heads
+        rows, cols = tl.arange(0, BLOCK), tl.arange(0, HEAD_DIM)
+        valid = rows < length
+        at = qkv + b * qkv_stride_b + h * HEAD_DIM + rows[:, None] * qkv_stride_l + cols[None, :]
+        q = tl.load(at, mask=valid[:, None], other=0.0)
+        k = tl.load(at + EMBED, mask=valid[:, None], other=0.0)
+        v = tl.load(at + 2 * EMBED, mask=valid[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k)) * scale
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        peak = tl.max(scores, 1)
+        p = tl.exp(scores - peak[:, None])
+        total = tl.sum(p, 1)
+        o = tl.dot(p.to(v.dtype), v) / total[:, None]
+        tl.store(out + b * out_stride_b + h * HEAD_DIM + rows[:, None] * out_stride_l + cols[None, :],
+                 o.to(out.dtype.element_ty), mask=valid[:, None])
+        tl.store(lse + program * BLOCK + rows, peak + tl.log(total))
+
+    @triton.jit
+    def _backward_kernel(qkv, out, grad_out, lse, grad_qkv, length, heads, qkv_stride_b, qkv_stride_l,
+                         out_stride_b, out_stride_l, grad_stride_b, grad_stride_l, scale,
+                         EMBED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+        program = tl.program_id(0)
+        b, h = program // heads, program % heads
+        rows, cols = tl.arange(0, BLOCK), tl.arange(0, HEAD_DIM)
+        valid = rows < length
+        at = qkv + b * qkv_stride_b + h * HEAD_DIM + rows[:, None] * qkv_stride_l + cols[None, :]
+        q = tl.load(at, mask=valid[:, None], other=0.0)
+        k = tl.load(at + EMBED, mask=valid[:, None], other=0.0)
+        v = tl.load(at + 2 * EMBED, mask=valid[:, None], other=0.0)
+        out_tile = b * out_stride_b + h * HEAD_DIM + rows[:, None] * out_stride_l + cols[None, :]
+        o = tl.load(out + out_tile, mask=valid[:, None], other=0.0)
+        do = tl.load(grad_out + out_tile, mask=valid[:, None], other=0.0)
+        log_total = tl.load(lse + program * BLOCK + rows)
+        scores = tl.dot(q, tl.trans(k)) * scale
+        p = tl.exp(scores - log_total[:, None])
+        p = tl.where(valid[:, None] & valid[None, :], p, 0.0)
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do)
+        dp = tl.dot(do, tl.trans(v))
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k) * scale
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q) * scale
+        grad_at = grad_qkv + b * grad_stride_b + h * HEAD_DIM + rows[:, None] * grad_stride_l + cols[None, :]
+        kind = grad_qkv.dtype.element_ty
+        tl.store(grad_at, dq.to(kind), mask=valid[:, None])
+        tl.store(grad_at + EMBED, dk.to(kind), mask=valid[:, None])
+        tl.store(grad_at + 2 * EMBED, dv.to(kind), mask=valid[:, None])
+
+    # Opaque custom ops (not triton_op): torch.compile and CUDA graphs call them as they are, and
+    # their fake implementations give the shapes without running a kernel.
+    @torch.library.custom_op("mmtard::short_attention", mutates_args=())
+    def _short_attention(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()  # the kernels read rows of unit stride
+        batch, length, three_embed = qkv.shape
+        embed = three_embed // 3
+        head_dim = embed // num_heads
+        out = torch.empty(batch, length, embed, device=qkv.device, dtype=qkv.dtype)
+        lse = torch.empty(batch * num_heads, MAX_TOKENS, device=qkv.device, dtype=torch.float32)
+        _forward_kernel[(batch * num_heads,)](
+            qkv, out, lse, length, num_heads, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
+            1.0 / math.sqrt(head_dim), EMBED=embed, HEAD_DIM=head_dim, BLOCK=MAX_TOKENS, num_warps=4)
+        return out, lse
+
+    @torch.library.custom_op("mmtard::short_attention_backward", mutates_args=())
+    def _short_attention_backward(qkv: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor, lse: torch.Tensor,
+                                  num_heads: int) -> torch.Tensor:
+        qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
+        batch, length, three_embed = qkv.shape
+        embed = three_embed // 3
+        head_dim = embed // num_heads
+        out, grad_out = out.contiguous(), grad_out.contiguous()  # read with one set of strides
+        grad_qkv = torch.empty(batch, length, three_embed, device=qkv.device, dtype=qkv.dtype)
+        _backward_kernel[(batch * num_heads,)](
+            qkv, out, grad_out, lse, grad_qkv, length, num_heads, qkv.stride(0), qkv.stride(1), out.stride(0),
+            out.stride(1), grad_qkv.stride(0), grad_qkv.stride(1), 1.0 / math.sqrt(head_dim),
+            EMBED=embed, HEAD_DIM=head_dim, BLOCK=MAX_TOKENS, num_warps=8)  # five tiles and three fp32 products
+        return grad_qkv
+
+    @_short_attention.register_fake
+    def _short_attention_fake(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, length, three_embed = qkv.shape
+        return (qkv.new_empty(batch, length, three_embed // 3),
+                qkv.new_empty(batch * num_heads, MAX_TOKENS, dtype=torch.float32))
+
+    @_short_attention_backward.register_fake
+    def _short_attention_backward_fake(qkv, out, grad_out, lse, num_heads):
+        return torch.empty_like(qkv)
+
+    def _setup_context(ctx, inputs, output) -> None:
+        qkv, num_heads = inputs
+        out, lse = output
+        ctx.save_for_backward(qkv, out, lse)
+        ctx.num_heads = num_heads
+
+    def _backward(ctx, grad_out, _grad_lse):
+        qkv, out, lse = ctx.saved_tensors
+        return _short_attention_backward(qkv, out, grad_out, lse, ctx.num_heads), None
+
+    _short_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def short_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Softmax self-attention of a fused projection ``qkv`` [B, L, 3E] (queries, keys, values, each
+    E = num_heads x head_dim, heads side by side as ``nn.MultiheadAttention`` packs them): the
+    [B, L, E] output, heads side by side. Requires :func:`applies`."""
+    if not applies(qkv, num_heads):
+        raise ValueError(f"short_attention does not serve qkv {tuple(qkv.shape)} {qkv.dtype} on {qkv.device} "
+                         f"with {num_heads} heads")
+    return _short_attention(qkv, num_heads)[0]
+
+
+def reference_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """What :func:`short_attention` computes, through torch's attention: the fallback and the tests' reference."""
+    batch, length, three_embed = qkv.shape
+    q, k, v = (t.unflatten(-1, (num_heads, -1)).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, length, three_embed // 3)
+
+
+class ShortSequenceAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` whose batch-first self-attention runs :func:`short_attention` where
+    it applies, torch's attention over the same projections elsewhere, and the parent's forward for
+what it does not cover (masks, attention weights, separate keys, attention dropout). Not built directly:
+    :func:`mmtard.tower_rewrites.short_sequence_attention` gives an existing module this class, so
+    it keeps its parameters, their names and the state dict."""
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_padding_mask=None,
+                need_weights: bool = True, attn_mask=None, average_attn_weights: bool = True,
+                is_causal: bool = False):
+        plain = (self.batch_first and query is key and key is value and key_padding_mask is None
+                 and attn_mask is None and not need_weights and not is_causal and self._qkv_same_embed_dim
+                 and self.bias_k is None and not self.add_zero_attn and not (self.training and self.dropout > 0))
+        if plain:  # the parent's packed projection, attention and output projection, without its copies
+            qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)
+            attend = short_attention if applies(qkv, self.num_heads) else reference_attention
+            return self.out_proj(attend(qkv, self.num_heads)), None
+        return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                               attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
