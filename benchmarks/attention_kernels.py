@@ -24,6 +24,7 @@ Every result line starts with ``RESULT`` and holds ``key=value`` fields.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
@@ -55,12 +56,68 @@ def time_call(fn, device: torch.device, warmup: int, iters: int) -> float:
     return (time.perf_counter() - start) / max(iters, 1)
 
 
+def graph_time_call(fn, device: torch.device, warmup: int, iters: int) -> float | None:
+    """Seconds per replay of ``fn`` captured as one CUDA graph (what a ``reduce-overhead`` step
+    sees: no Python or launch cost per call); None where capture fails or on a CPU."""
+    if device.type != "cuda":
+        return None
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError:
+        return None
+    return time_call(graph.replay, device, warmup=warmup, iters=iters)
+
+
+#: mmtard's kernel with other warps per program than short_attention's defaults (forward, backward)
+SHORT_VARIANTS = {"short": None, "short-bwd4": (4, 4)}
+
+
+@contextlib.contextmanager
+def short_warps(variant: str):
+    """Within the block, the short kernel launches with ``variant``'s warps."""
+    from mmtard import short_attention
+
+    saved = short_attention.FORWARD_WARPS, short_attention.BACKWARD_WARPS
+    if SHORT_VARIANTS.get(variant):
+        short_attention.FORWARD_WARPS, short_attention.BACKWARD_WARPS = SHORT_VARIANTS[variant]
+    try:
+        yield
+    finally:
+        short_attention.FORWARD_WARPS, short_attention.BACKWARD_WARPS = saved
+
+
+def short_error(q, k, v, backward: bool) -> str:
+    """Largest difference of the short kernel's output (and input gradient) from torch's attention."""
+    from mmtard.short_attention import applies, reference_attention, short_attention
+
+    batch, heads, tokens, dim = q.shape
+    qkv = torch.cat([t.detach().transpose(1, 2).reshape(batch, tokens, heads * dim) for t in (q, k, v)], -1)
+    if not applies(qkv, heads):
+        return "n/a"
+    qkv.requires_grad_(backward)
+    out, ref = short_attention(qkv, heads), reference_attention(qkv, heads)
+    text = f"{(out.float() - ref.float()).abs().max().item():.3g}"
+    if backward:
+        grad_out = torch.randn_like(out)
+        (grad,), (ref_grad,) = torch.autograd.grad(out, qkv, grad_out), torch.autograd.grad(ref, qkv, grad_out)
+        text += f"/{(grad.float() - ref_grad.float()).abs().max().item():.3g}"
+    return text
+
+
 def attention_call(kernel: str, q, k, v, backward: bool):
     """One call (forward, and the input gradient where the step takes one) of ``kernel``;
     ``short`` runs mmtard's kernel on the fused projection [B, L, 3E] the towers give it, where it
     applies, and torch's choice (as in the towers) where it does not."""
     grad_out = torch.randn_like(q) if backward else None
-    if kernel == "short":
+    if kernel.startswith("short"):
         from mmtard.short_attention import applies, short_attention
 
         batch, heads, tokens, dim = q.shape
@@ -70,9 +127,10 @@ def attention_call(kernel: str, q, k, v, backward: bool):
             grad = grad_out.transpose(1, 2).reshape(batch, tokens, heads * dim) if backward else None
 
             def short_call():
-                out = short_attention(qkv, heads)
-                if backward:
-                    torch.autograd.grad(out, qkv, grad)
+                with short_warps(kernel):
+                    out = short_attention(qkv, heads)
+                    if backward:
+                        torch.autograd.grad(out, qkv, grad)
 
             short_call.served_by = "short"
             return short_call
@@ -110,20 +168,23 @@ def main(argv=None) -> int:
         q, k, v = (torch.randn(b, heads, tokens, dim, generator=g).to(device, dtype).requires_grad_(backward)
                    for _ in range(3))
         flops = 4 * b * heads * tokens * tokens * dim * (3.5 if backward else 1.0)
-        for kernel in ATTENTION_KERNELS:
+        kernels = [k for k in ATTENTION_KERNELS if k != "short"] + list(SHORT_VARIANTS)
+        for kernel in kernels:
             try:
                 fn = attention_call(kernel, q, k, v, backward)
-                seconds = time_call(fn, device, warmup=3, iters=iters)
+                eager = time_call(fn, device, warmup=3, iters=iters)
+                graphed = graph_time_call(fn, device, warmup=3, iters=iters)
             except RuntimeError as exc:  # this kernel does not serve this device, dtype or shape
                 reason = str(exc).splitlines()[0][:120].replace(" ", "_")
                 print(f"RESULT {shape} kernel={kernel} refused={reason}", flush=True)
                 continue
+            seconds = graphed if graphed is not None else eager  # a compiled step replays graphs
             step_seconds[kernel] = step_seconds.get(kernel, 0.0) + calls * seconds
             served[kernel] = served.get(kernel, 0) + 1
-            print(f"RESULT {shape} kernel={kernel} us_per_call={seconds * 1e6:.1f} "
-                  f"tflops={flops / seconds / 1e12:.2f} backward={backward} shape={b}x{heads}x{tokens}x{dim} "
-                  f"served_by={fn.served_by}",
-                  flush=True)
+            error = f" max_abs_diff={short_error(q, k, v, backward)}" if kernel == "short" else ""
+            print(f"RESULT {shape} kernel={kernel} us_per_call={seconds * 1e6:.1f} eager_us={eager * 1e6:.1f} "
+                  f"graph={graphed is not None} tflops={flops / seconds / 1e12:.2f} backward={backward} "
+                  f"shape={b}x{heads}x{tokens}x{dim} served_by={fn.served_by}{error}", flush=True)
     # The kernel that costs the step least over all three shapes (one kernel serves the whole step).
     whole = {k: t for k, t in step_seconds.items() if served[k] == len(shapes(batch))}
     for kernel, seconds in sorted(whole.items(), key=lambda kv: kv[1]):

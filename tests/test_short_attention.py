@@ -68,6 +68,21 @@ for tower in (visual, torch.compile(visual, backend="aot_eager")):
 class_token_last_block([visual])
 out = visual(x)
 torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+# a LoRA student: peft adapts ProjectedAttention's projections, and the kernel runs between them
+import mmtard.lora as lora
+calls = []
+kernel = lora.short_attention
+lora.short_attention = lambda qkv, heads: calls.append(qkv.shape) or kernel(qkv, heads)
+adapted = lora.add_lora(create_clip(ModelSpec("mmtard-tiny-vit")).float(), dropout=0.0)
+ref = adapted.visual(x)
+ref_grad, = torch.autograd.grad(ref.square().sum(), x)
+assert not calls and short_sequence_attention([adapted.visual]) == 1
+out = adapted.visual(x)
+grad, = torch.autograd.grad(out.square().sum(), x)
+assert len(calls) == len(visual.transformer.resblocks), calls
+torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=1e-5)
 print("interpreted checks passed")
 '''
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mmtard import speed, tower_rewrites
+from mmtard import short_attention, speed, tower_rewrites
 from mmtard.config import DATA_SOURCES, Config, DataConfig, ModelConfig
 from mmtard.errors import ConfigError
 from mmtard.lora import add_lora
@@ -136,7 +136,10 @@ def build_method(config: Config, student: CLIPClassifier, teachers: list[Teacher
     if tower_rewrites.wants_class_token_last_block(train.last_block, device):
         tower_rewrites.class_token_last_block(towers)
     if train.attention == "short":
-        tower_rewrites.short_sequence_attention(towers)
+        if not tower_rewrites.short_sequence_attention(towers[:1]):  # image_towers lists the student first
+            log.warning("train.attention=short: the student's image tower is not an open_clip ViT of at most %d "
+                        "tokens, so it keeps torch's attention", short_attention.MAX_TOKENS)
+        tower_rewrites.short_sequence_attention(towers[1:])
     if train.compile or train.compile_attack:
         speed.tag_compile_caches(train.attention)  # both trace the attention kernel into graphs
     if train.compile:  # in place: parameter names, checkpoints and exports are unchanged

@@ -19,12 +19,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmtard.errors import ModelError
+from mmtard.short_attention import applies, short_attention
 
 
 class ProjectedAttention(nn.Module):
     """A batch-first ``nn.MultiheadAttention`` (self-attention, or one query set attending to one
     key/value set) with its input projection as ``in_proj: nn.Linear(D, 3D)`` and its output
-    projection as ``out_proj``, computing the same function over the same weights."""
+    projection as ``out_proj``, computing the same function over the same weights. With
+    ``short_sequence`` set (``train.attention: short``, :mod:`mmtard.tower_rewrites`), its
+    self-attention runs :func:`mmtard.short_attention.short_attention` where that applies."""
+
+    short_sequence = False
 
     def __init__(self, mha: nn.MultiheadAttention):
         super().__init__()
@@ -49,7 +54,12 @@ class ProjectedAttention(nn.Module):
         if need_weights or value is not key:
             raise ModelError("ProjectedAttention: attention weights and separate key/value inputs are not supported")
         dim = self.out_proj.in_features
-        if query is key:
+        if query is key and self.short_sequence and attn_mask is None and not (self.training and self.dropout > 0):
+            qkv = self.in_proj(query)
+            if applies(qkv, self.num_heads):
+                return self.out_proj(short_attention(qkv, self.num_heads)), None
+            q, k, v = qkv.split(dim, dim=-1)
+        elif query is key:
             q, k, v = self.in_proj(query).split(dim, dim=-1)
         else:  # through the adapted projection (a slice of its weight would bypass the adapter)
             q = self.in_proj(query)[..., :dim]

@@ -7,7 +7,7 @@ per call at batch 128; ``benchmarks/attention_kernels.py``). A head's whole prob
 program's registers: queries, keys and values are 50 x 64 each, so one program computes the
 scores, the softmax and the output, and the backward recomputes the scores from the saved
 log-sum-exp, as flash attention does, without the tiling and online softmax that long sequences
-need.
+need (nor the output: the backward's row sums come from the probabilities and their gradient).
 
 The kernels read the fused query-key-value projection ``[B, L, 3E]`` in place and write the output
 ``[B, L, E]`` (and the backward's ``[B, L, 3E]`` gradient) in the layout the projections use, so no
@@ -22,6 +22,7 @@ Triton's interpreter is on: ``TRITON_INTERPRET=1``, which the tests use).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -31,6 +32,9 @@ from torch import nn
 
 #: the longest sequence the kernel takes (one block of rows); longer ones use torch's attention
 MAX_TOKENS = 64
+#: warps per program (a Hopper warpgroup is 4); not tuned on a GPU yet, so module constants that
+#: ``benchmarks/attention_kernels.py`` varies
+FORWARD_WARPS, BACKWARD_WARPS = 4, 8
 _HEAD_DIMS = (16, 32, 64, 128)
 
 try:
@@ -43,6 +47,11 @@ except ImportError:  # pragma: no cover - triton comes with torch's CUDA wheels
 #: Triton runs its kernels in its CPU interpreter (``TRITON_INTERPRET=1``, read when Triton and
 #: this module are imported): the kernel then also serves fp32 and fp16 on a CPU, for the tests
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _on(device: torch.device) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def applies(qkv: torch.Tensor, num_heads: int) -> bool:
@@ -79,7 +88,7 @@ if triton is not None:
         tl.store(lse + program * BLOCK + rows, peak + tl.log(total))
 
     @triton.jit
-    def _backward_kernel(qkv, out, grad_out, lse, grad_qkv, length, heads, qkv_stride_b, qkv_stride_l,
+    def _backward_kernel(qkv, grad_out, lse, grad_qkv, length, heads, qkv_stride_b, qkv_stride_l,
                          out_stride_b, out_stride_l, grad_stride_b, grad_stride_l, scale,
                          EMBED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
         program = tl.program_id(0)
@@ -90,16 +99,16 @@ if triton is not None:
         q = tl.load(at, mask=valid[:, None], other=0.0)
         k = tl.load(at + EMBED, mask=valid[:, None], other=0.0)
         v = tl.load(at + 2 * EMBED, mask=valid[:, None], other=0.0)
-        out_tile = b * out_stride_b + h * HEAD_DIM + rows[:, None] * out_stride_l + cols[None, :]
-        o = tl.load(out + out_tile, mask=valid[:, None], other=0.0)
-        do = tl.load(grad_out + out_tile, mask=valid[:, None], other=0.0)
+        do = tl.load(grad_out + b * out_stride_b + h * HEAD_DIM + rows[:, None] * out_stride_l + cols[None, :],
+                     mask=valid[:, None], other=0.0)
         log_total = tl.load(lse + program * BLOCK + rows)
         scores = tl.dot(q, tl.trans(k)) * scale
         p = tl.exp(scores - log_total[:, None])
         p = tl.where(valid[:, None] & valid[None, :], p, 0.0)
         dv = tl.dot(tl.trans(p.to(do.dtype)), do)
         dp = tl.dot(do, tl.trans(v))
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        # sum_j P_ij dP_ij = dO_i . O_i, from what is at hand: the output need not be kept
+        delta = tl.sum(p * dp, 1)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k) * scale
         dk = tl.dot(tl.trans(ds.to(q.dtype)), q) * scale
@@ -119,24 +128,27 @@ if triton is not None:
         head_dim = embed // num_heads
         out = torch.empty(batch, length, embed, device=qkv.device, dtype=qkv.dtype)
         lse = torch.empty(batch * num_heads, MAX_TOKENS, device=qkv.device, dtype=torch.float32)
-        _forward_kernel[(batch * num_heads,)](
-            qkv, out, lse, length, num_heads, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
-            1.0 / math.sqrt(head_dim), EMBED=embed, HEAD_DIM=head_dim, BLOCK=MAX_TOKENS, num_warps=4)
+        with _on(qkv.device):
+            _forward_kernel[(batch * num_heads,)](
+                qkv, out, lse, length, num_heads, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
+                1.0 / math.sqrt(head_dim), EMBED=embed, HEAD_DIM=head_dim, BLOCK=MAX_TOKENS,
+                num_warps=FORWARD_WARPS)
         return out, lse
 
     @torch.library.custom_op("mmtard::short_attention_backward", mutates_args=())
-    def _short_attention_backward(qkv: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor, lse: torch.Tensor,
+    def _short_attention_backward(qkv: torch.Tensor, grad_out: torch.Tensor, lse: torch.Tensor,
                                   num_heads: int) -> torch.Tensor:
         qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
+        grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
         batch, length, three_embed = qkv.shape
         embed = three_embed // 3
         head_dim = embed // num_heads
-        out, grad_out = out.contiguous(), grad_out.contiguous()  # read with one set of strides
         grad_qkv = torch.empty(batch, length, three_embed, device=qkv.device, dtype=qkv.dtype)
-        _backward_kernel[(batch * num_heads,)](
-            qkv, out, grad_out, lse, grad_qkv, length, num_heads, qkv.stride(0), qkv.stride(1), out.stride(0),
-            out.stride(1), grad_qkv.stride(0), grad_qkv.stride(1), 1.0 / math.sqrt(head_dim),
-            EMBED=embed, HEAD_DIM=head_dim, BLOCK=MAX_TOKENS, num_warps=8)  # five tiles and three fp32 products
+        with _on(qkv.device):
+            _backward_kernel[(batch * num_heads,)](
+                qkv, grad_out, lse, grad_qkv, length, num_heads, qkv.stride(0), qkv.stride(1), grad_out.stride(0),
+                grad_out.stride(1), grad_qkv.stride(0), grad_qkv.stride(1), 1.0 / math.sqrt(head_dim),
+                EMBED=embed, HEAD_DIM=head_dim, BLOCK=MAX_TOKENS, num_warps=BACKWARD_WARPS)
         return grad_qkv
 
     @_short_attention.register_fake
@@ -146,18 +158,20 @@ if triton is not None:
                 qkv.new_empty(batch * num_heads, MAX_TOKENS, dtype=torch.float32))
 
     @_short_attention_backward.register_fake
-    def _short_attention_backward_fake(qkv, out, grad_out, lse, num_heads):
-        return torch.empty_like(qkv)
+    def _short_attention_backward_fake(qkv, grad_out, lse, num_heads):
+        return qkv.new_empty(qkv.shape)  # contiguous, as the real one
 
     def _setup_context(ctx, inputs, output) -> None:
         qkv, num_heads = inputs
-        out, lse = output
-        ctx.save_for_backward(qkv, out, lse)
+        _, lse = output
+        ctx.save_for_backward(qkv, lse)  # not the output: the backward does without it
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zero gradient is made for lse
         ctx.num_heads = num_heads
 
     def _backward(ctx, grad_out, _grad_lse):
-        qkv, out, lse = ctx.saved_tensors
-        return _short_attention_backward(qkv, out, grad_out, lse, ctx.num_heads), None
+        qkv, lse = ctx.saved_tensors
+        return _short_attention_backward(qkv, grad_out, lse, ctx.num_heads), None
 
     _short_attention.register_autograd(_backward, setup_context=_setup_context)
 

@@ -176,20 +176,24 @@ def short_sequence_attention(towers: Iterable[nn.Module]) -> int:
     """Give every ``nn.MultiheadAttention`` of the image towers in ``towers`` whose sequences fit
     :data:`mmtard.short_attention.MAX_TOKENS` the class
     :class:`mmtard.short_attention.ShortSequenceAttention`, in place (parameters and state dict
-    unchanged); returns how many towers. Longer towers (a ViT-L-14 teacher: 257 tokens) keep
+    unchanged), and switch a LoRA student's :class:`mmtard.lora.ProjectedAttention` to the same
+    kernel; returns how many towers. Longer towers (a ViT-L-14 teacher: 257 tokens) keep
     torch's attention."""
+    from mmtard.lora import ProjectedAttention
     from mmtard.short_attention import MAX_TOKENS, ShortSequenceAttention
 
     changed = 0
     for tower in towers:
-        for vit in tower.modules():
-            embedding = getattr(vit, "positional_embedding", None)
-            transformer = getattr(vit, "transformer", None)
-            if embedding is None or transformer is None or embedding.shape[0] > MAX_TOKENS:
+        for vit in tower.modules():  # under LoRA the tower is peft's wrapper around the ViT
+            if not isinstance(vit, VisionTransformer) or vit.positional_embedding.shape[0] > MAX_TOKENS:
                 continue
-            attentions = [m for m in transformer.modules() if type(m) is nn.MultiheadAttention]
+            attentions = [m for m in vit.transformer.modules()
+                          if type(m) in (nn.MultiheadAttention, ProjectedAttention)]
             for attention in attentions:
-                attention.__class__ = ShortSequenceAttention
+                if type(attention) is ProjectedAttention:  # a LoRA student's: peft adapts its projections
+                    attention.short_sequence = True
+                else:
+                    attention.__class__ = ShortSequenceAttention
             changed += bool(attentions)
     log.info("short-sequence attention in %d image towers", changed)
     return changed
