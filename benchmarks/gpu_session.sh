@@ -19,7 +19,7 @@ mkdir -p "$OUT/attention"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || { echo "wheel install failed" | tee "$OUT/failed.txt"; exit 1; }
 export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-timeout 40 python3 benchmarks/attention_kernels.py 2>&1 | tee "$OUT/attention/attention.txt"
+timeout 60 python3 benchmarks/attention_kernels.py 2>&1 | tee "$OUT/attention/attention.txt"
 BENCH_TIMEOUT=200 BENCH_ARGS="--compile on --check --repeat 2 --profile" OUT=$OUT/short \
   bash benchmarks/gpu_run.sh --compile-mode reduce-overhead --attention short
 BENCH_TIMEOUT=140 BENCH_ARGS="--compile on --no-reference --repeat 2" OUT=$OUT/auto \
