@@ -84,6 +84,16 @@ def test_the_index_is_kept_and_rebuilt_when_a_shard_changes(folder, shards, tmp_
         IndexedShardDataset(pattern, classnames=names, index_dir=tmp_path / "index")
     monkeypatch.setattr(shard_index, "_scan_shard", real_scan)
     assert len(IndexedShardDataset(pattern, classnames=names, index_dir=tmp_path / "index")) == 30
+    # other bytes under the same size and modification time (a shard copied over with cp -p)
+    monkeypatch.setattr(shard_index, "_scan_shard", no_scan)
+    kept = os.stat(paths[2])
+    data = bytearray(paths[2].read_bytes())
+    data[0] ^= 1  # the first member's name
+    paths[2].write_bytes(bytes(data))
+    os.utime(paths[2], ns=(kept.st_atime_ns, kept.st_mtime_ns))
+    assert os.stat(paths[2]).st_size == kept.st_size
+    with pytest.raises(AssertionError, match="kept index"):
+        IndexedShardDataset(pattern, classnames=names, index_dir=tmp_path / "index")
 
 
 def test_incomplete_and_corrupt_samples(folder, tmp_path):
