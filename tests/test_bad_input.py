@@ -114,6 +114,12 @@ def test_config_file_refusals(tmp_path, capsys):
     _refused(capsys, ["distill", "--config", str(latin), "--out", str(tmp_path / "r")], str(latin), "not UTF-8")
     _refused(capsys, ["distill", "--config", str(typo), "--out", str(tmp_path / "r"), 'data.templates=["a {}", "b'],
              "override 'data.templates': cannot read")
+    fine = tmp_path / "fine.yaml"
+    fine.write_text("train: {steps: 3}\n")
+    _refused(capsys, ["distill", "--config", str(fine), "--out", str(tmp_path / "r"), "train.lrr=1e-5"],
+             "command line.train: unknown key 'lrr'", "Did you mean 'lr'?")  # not blamed on the file
+    _refused(capsys, ["train-teacher", "--config", str(fine), "--out", str(tmp_path / "r"), "method.name=clean_ft",
+                      "train.device=tpu"], "train.device: 'tpu' is not a device")
 
 
 def test_data_file_and_pattern_refusals(config_file, world_dir, tmp_path, capsys):

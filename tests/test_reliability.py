@@ -155,8 +155,8 @@ def test_a_run_saved_before_a_config_key_existed_still_resumes(tmp_path):
     faster.train.compile, faster.train.attention, faster.train.last_block = True, "math", "class_token"
     assert prepare_run_dir(run, faster, force=False) is not None
     other = Config()
-    other.train.lr = 1e-3
-    with pytest.raises(MmtardError, match="different config"):
+    other.train.lr, other.attack.steps = 1e-3, 3
+    with pytest.raises(MmtardError, match=r"different config .*attack.steps: 10 -> 3, train.lr: 2e-05 -> 0.001\)"):
         prepare_run_dir(run, other, force=False)
     saved_as(lambda d: d["train"].update(retired_key=1))
     with pytest.raises(MmtardError, match="retired_key"):

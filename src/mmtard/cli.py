@@ -58,27 +58,28 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--run", action="append", default=[], help="a training run folder (its student is evaluated)")
     ev.add_argument("--dataset", action="append", default=[], required=True,
                     help="NAME=ROOT: imagenet=PATH, world=DIR (all world sets), a clip-benchmark name=ROOT")
-    ev.add_argument("--eps", default="1/255,2/255,4/255", help="comma-separated radii, e.g. 1/255,2/255,4/255")
-    ev.add_argument("--attack", default="apgd-ce,apgd-t", help="apgd-ce,apgd-t | standard | pgd")
-    ev.add_argument("--iterations", type=int, default=100, help="iterations per attack")
+    ev.add_argument("--eps", default="1/255,2/255,4/255", help="comma-separated radii (default: %(default)s)")
+    ev.add_argument("--attack", default="apgd-ce,apgd-t", help="apgd-ce,apgd-t | standard | pgd (default: %(default)s)")
+    ev.add_argument("--iterations", type=int, default=100, help="iterations per attack (default: %(default)s)")
     ev.add_argument("--n-samples", type=int, default=None,
                     help="seeded samples per world or zero-shot set (default: all; the paper's protocol: 1000)")
     ev.add_argument("--imagenet-samples", type=int, default=None,
                     help="seeded samples of the ImageNet list (default: all 5 000 of the RobustBench subset)")
-    ev.add_argument("--batch-size", type=int, default=64)
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--device", default="auto")
+    ev.add_argument("--batch-size", type=int, default=64, help="images per attack batch (default: %(default)s)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the sample subsets and attacks (default: %(default)s)")
+    ev.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
     ev.add_argument("--out", required=True, help="evaluation folder: resumed if interrupted")
 
     report = sub.add_parser("report", help="tables and plots from results and training runs")
     report.add_argument("inputs", nargs="+", help="evaluation folders, results.json files or training run folders")
-    report.add_argument("--out", required=True)
+    report.add_argument("--out", required=True, help="report folder: report.md and its figures")
 
     world = sub.add_parser("world", help="generate the offline world (images, captions, zero-shot sets)")
-    world.add_argument("--out", required=True)
-    world.add_argument("--seed", type=int, default=0)
-    world.add_argument("--size", default="demo", choices=["test", "quick", "demo"])
-    world.add_argument("--image-size", type=int, default=48)
+    world.add_argument("--out", required=True, help="folder to write the world to (replaces a world there)")
+    world.add_argument("--seed", type=int, default=0, help="seed of every image and caption (default: %(default)s)")
+    world.add_argument("--size", default="demo", choices=["test", "quick", "demo"],
+                       help="images per class: test (tiny), quick, demo (default: %(default)s)")
+    world.add_argument("--image-size", type=int, default=48, help="side of the square images (default: %(default)s)")
     return parser
 
 
@@ -135,7 +136,7 @@ def _eval_models(args: argparse.Namespace) -> list:
             raise ConfigError(f"--run {run}: expected a finished run folder with config.yaml and student.safetensors")
         models.append(ModelEntry(run.name, _run_student_name(config), str(weights)))
     if not models:
-        raise ConfigError("mmtard eval: give at least one --model or --run")
+        raise ConfigError("give at least one --model or --run")
     rows = [m.row for m in models]
     duplicates = sorted({r for r in rows if rows.count(r) > 1})
     if duplicates:
@@ -201,7 +202,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     attack = _ATTACKS.get(args.attack.replace(" ", "").lower())
     if attack is None:
         raise ConfigError(f"--attack '{args.attack}' is not one of apgd-ce,apgd-t | standard | pgd")
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     env = init_distributed(device.type)  # under torchrun: each rank attacks its share of the batches
     if device.type == "cuda" and env.enabled:
         device = torch.device("cuda", env.local_rank)

@@ -7,6 +7,7 @@ back to a default.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
@@ -316,8 +317,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, cls
             raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
-    data = apply_overrides(data, overrides or [])
-    config = from_dict(cls, data, str(path) if path else "config")
+    where = str(path) if path else "config"
+    overridden = apply_overrides(copy.deepcopy(data), overrides or [])
+    if overrides:  # the file alone first, so that an error names the file or the command line rightly
+        from_dict(cls, data, where)
+        where = "command line"
+    config = from_dict(cls, overridden, where)
     validate(config)
     return config
 

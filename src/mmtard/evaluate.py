@@ -142,13 +142,13 @@ def _open_record(path: Path, fresh: dict, data_digest: Callable[[str], str | Non
             hint = " (--n-samples / --imagenet-samples or --seed changed?)" if key == "indices" else ""
             raise ConfigError(
                 f"{path} was written by a different evaluation ({key} differs: stored "
-                f"{str(old.get(key))[:80]!r}, now {str(fresh[key])[:80]!r}){hint}. Use another out_dir, or "
-                "delete that file to recompute it."
+                f"{str(old.get(key))[:80]!r}, now {str(fresh[key])[:80]!r}){hint}. Use another --out (out_dir), "
+                "or delete that file to recompute it."
             )
     if not same_data(old.get("data"), data_digest):  # None: written before digests, nothing to compare
         raise ConfigError(f"{path} was written on other images or labels under the same names (data differs: the "
-                          "dataset was regenerated or its files replaced since). Use another out_dir, or delete "
-                          "that file to recompute it.")
+                          "dataset was regenerated or its files replaced since). Use another --out (out_dir), or "
+                          "delete that file to recompute it.")
     if old.get("batch_size") != fresh["batch_size"]:
         # Batches are part of what makes a resumed run exact (AutoAttack draws its random starts
         # per batch), so the stored batching wins over the one asked for now.

@@ -12,6 +12,7 @@ import os
 import platform
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -35,6 +36,16 @@ def _comparable(config: dict) -> dict:
     """The part of a config that must not change between a run and its resumption."""
     return {section: {k: v for k, v in values.items() if (section, k) not in _IGNORED_ON_COMPARE}
             if isinstance(values, dict) else values for section, values in config.items()}
+
+
+def _differences(old: Any, new: Any, key: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) of every leaf where two config dicts differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new), key=str)
+                for d in _differences(old.get(k), new.get(k), f"{key}.{k}" if key else str(k))]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in _differences(a, b, f"{key}.{i}")]
+    return [] if old == new else [(key, old, new)]
 
 
 def prepare_run_dir(run_dir: Path, config: Config, force: bool, is_main: bool = True) -> Path | None:
@@ -90,8 +101,11 @@ def _check_same_config(run_dir: Path, config: Config, is_main: bool) -> None:
     except ConfigError as exc:
         raise MmtardError(f"{saved} cannot be read by this version ({exc}), so {run_dir} cannot be resumed "
                           "safely; use another --out or --force") from exc
-    if _comparable(previous) != _comparable(to_dict(config)):
-        raise MmtardError(f"{run_dir} holds a run with a different config ({saved}); use another --out or --force")
+    old, new = _comparable(previous), _comparable(to_dict(config))
+    if old != new:
+        changed = ", ".join(f"{key}: {a!r} -> {b!r}" for key, a, b in _differences(old, new)[:5])
+        raise MmtardError(f"{run_dir} holds a run with a different config ({saved}; {changed}); use another "
+                          "--out or --force")
     before = (previous.get("train") or {}).get("steps")
     if before is not None and before != config.train.steps and is_main:
         log.warning("%s: train.steps changed from %s to %s on resume; the warm-up and cosine schedule "

@@ -33,12 +33,15 @@ from torch.utils.data import Dataset
 
 from mmtard.data.base import first_readable
 from mmtard.data.images import ImageTransform, SkipLog, corrupt_error, decode_image_bytes
-from mmtard.data.shards import IMAGE_KEYS, SHARD_LAYOUT, expand_shards
+from mmtard.data.shards import IMAGE_KEYS, expand_shards
 from mmtard.errors import DataError
 
 log = logging.getLogger(__name__)
 
 _INDEX_VERSION = 2
+#: what training reads: classification shards (caption shards, .txt, are pre-training's)
+CLASS_SHARD_LAYOUT = ("tar files named by a brace pattern, e.g. 'shards/train-{000000..000009}.tar', each sample "
+                      "a key with .jpg/.png plus .cls (an integer label); caption shards (.txt) are for pre-training")
 #: shard files a process keeps open at once (ImageNet comes in hundreds of shards, and every
 #: DataLoader worker would otherwise hold them all against the descriptor limit)
 OPEN_SHARDS = 16
@@ -54,13 +57,13 @@ def _split_name(name: str) -> tuple[str, str]:
 def _scan_shard(path: str, strict: bool) -> tuple[list[tuple[int, int, int, str]], list[str]]:
     """(image offset, image size, label, key) per complete sample of one shard, and the problems."""
     if os.path.getsize(path) == 0:
-        raise DataError(f"Shard {path} is empty (0 bytes). Expected {SHARD_LAYOUT}.")
+        raise DataError(f"Shard {path} is empty (0 bytes). Expected {CLASS_SHARD_LAYOUT}.")
     samples, problems = [], []
     try:
         tar = tarfile.open(path, mode="r:")  # "r:" refuses compressed tars: they have no random access
     except tarfile.ReadError as exc:
         raise DataError(f"Shard {path} is not an uncompressed tar ({exc}); training reads shards by "
-                        f"random access, which needs plain .tar files. Expected {SHARD_LAYOUT}.") from exc
+                        f"random access, which needs plain .tar files. Expected {CLASS_SHARD_LAYOUT}.") from exc
     with tar:
         groups: dict[str, dict[str, tarfile.TarInfo]] = {}
         try:
@@ -86,7 +89,7 @@ def _scan_shard(path: str, strict: bool) -> tuple[list[tuple[int, int, int, str]
                     problem = f".cls holds {text[:40]!r}, not a label (an integer >= 0)"
             if problem is not None:
                 if strict:
-                    raise DataError(f"Shard {path}, sample {key}: {problem}. Expected {SHARD_LAYOUT}.")
+                    raise DataError(f"Shard {path}, sample {key}: {problem}. Expected {CLASS_SHARD_LAYOUT}.")
                 problems.append(f"{path}:{key}: {problem}")
                 continue
             samples.append((image.offset_data, image.size, label, key))
@@ -204,7 +207,7 @@ class IndexedShardDataset(Dataset):
         index = build_index(self.urls, strict, index_dir)
         if len(index["label"]) == 0:
             raise DataError(f"No complete sample (image + .cls) in {self.urls[0]} and the other shards. "
-                            f"Expected {SHARD_LAYOUT}.")
+                            f"Expected {CLASS_SHARD_LAYOUT}.")
         self._shard, self._offset, self._size = index["shard"], index["offset"], index["size"]
         self._keys = index["key"]
         self._names = [Path(u).name for u in self.urls]
