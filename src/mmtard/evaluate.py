@@ -33,8 +33,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mmtard.attacks import format_eps, parse_eps
-from mmtard.dataset_digest import dataset_digest, same_data
 from mmtard.autoattack import AttackSpec, robust_flags, strict_fp32
+from mmtard.dataset_digest import dataset_digest, same_data
 from mmtard.distributed import all_gather_object, current_env, run_on_main
 from mmtard.errors import ConfigError, DataError, MmtardError
 from mmtard.eval_sets import NATIVE_SIZE_SETS, DatasetEntry
