@@ -174,8 +174,9 @@ def main(argv=None) -> int:
                 fn = attention_call(kernel, q, k, v, backward)
                 eager = time_call(fn, device, warmup=3, iters=iters)
                 graphed = graph_time_call(fn, device, warmup=3, iters=iters)
-            except RuntimeError as exc:  # this kernel does not serve this device, dtype or shape
-                reason = str(exc).splitlines()[0][:120].replace(" ", "_")
+            except Exception as exc:  # noqa: BLE001 - a kernel that does not serve this device, dtype or shape, or
+                # (short) fails to compile: reported, and the others still timed
+                reason = (str(exc).splitlines() or [type(exc).__name__])[0][:120].replace(" ", "_")
                 print(f"RESULT {shape} kernel={kernel} refused={reason}", flush=True)
                 continue
             seconds = graphed if graphed is not None else eager  # a compiled step replays graphs
