@@ -96,21 +96,16 @@ def _scan_shard(path: str, strict: bool) -> tuple[list[tuple[int, int, int, str]
     return samples, problems
 
 
-#: bytes read from the start of each shard for its fingerprint: the first members' headers (names,
-#: sizes) and data, which another shard copied over this one with its size and time kept
-#: (``cp -p``, rsync -t) does not share
-_FINGERPRINT_HEAD = 1 << 16
-
-
 def _fingerprint(urls: Sequence[str], strict: bool) -> str:
     """Index version, strictness (a lenient index leaves out what a strict one refuses), and each
-    shard's path, size, modification time and first bytes."""
+    shard's path, size, modification time, change time and inode: a shard copied over with its
+    size and modification time kept (``cp -p``, ``rsync -t``) still gets a new change time (which
+    no copy can set) or inode, so it is scanned again rather than read at stale offsets."""
     digest = hashlib.sha256(f"v{_INDEX_VERSION}|strict={strict}".encode())
     for url in urls:
         stat = os.stat(url)
-        digest.update(f"{os.path.abspath(url)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-        with open(url, "rb") as shard:
-            digest.update(hashlib.sha256(shard.read(_FINGERPRINT_HEAD)).digest())
+        digest.update(f"{os.path.abspath(url)}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|"
+                      f"{stat.st_ino}\n".encode())
     return digest.hexdigest()[:24]
 
 
