@@ -94,12 +94,18 @@ def short_warps(variant: str):
         short_attention.FORWARD_WARPS, short_attention.BACKWARD_WARPS = saved
 
 
+def packed(q, k, v) -> torch.Tensor:
+    """[B, H, L, D] queries, keys and values as the towers' fused projection [B, L, 3 H D]."""
+    batch, heads, tokens, dim = q.shape
+    return torch.cat([t.detach().transpose(1, 2).reshape(batch, tokens, heads * dim) for t in (q, k, v)], -1)
+
+
 def short_error(q, k, v, backward: bool) -> str:
     """Largest difference of the short kernel's output (and input gradient) from torch's attention."""
     from mmtard.short_attention import applies, reference_attention, short_attention
 
-    batch, heads, tokens, dim = q.shape
-    qkv = torch.cat([t.detach().transpose(1, 2).reshape(batch, tokens, heads * dim) for t in (q, k, v)], -1)
+    heads = q.shape[1]
+    qkv = packed(q, k, v)
     if not applies(qkv, heads):
         return "n/a"
     qkv.requires_grad_(backward)
@@ -121,7 +127,7 @@ def attention_call(kernel: str, q, k, v, backward: bool):
         from mmtard.short_attention import applies, short_attention
 
         batch, heads, tokens, dim = q.shape
-        qkv = torch.cat([t.detach().transpose(1, 2).reshape(batch, tokens, heads * dim) for t in (q, k, v)], -1)
+        qkv = packed(q, k, v)
         if applies(qkv, heads):
             qkv.requires_grad_(backward)
             grad = grad_out.transpose(1, 2).reshape(batch, tokens, heads * dim) if backward else None

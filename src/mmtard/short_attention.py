@@ -67,16 +67,24 @@ def applies(qkv: torch.Tensor, num_heads: int) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _load_head(qkv, b, h, rows, cols, valid, qkv_stride_b, qkv_stride_l, EMBED: tl.constexpr,
+                   HEAD_DIM: tl.constexpr):
+        """Head ``h`` of image ``b``: its query, key and value tiles [BLOCK, HEAD_DIM] from the fused
+        projection, rows past the sequence zero."""
+        at = qkv + b * qkv_stride_b + h * HEAD_DIM + rows[:, None] * qkv_stride_l + cols[None, :]
+        q = tl.load(at, mask=valid[:, None], other=0.0)
+        k = tl.load(at + EMBED, mask=valid[:, None], other=0.0)
+        v = tl.load(at + 2 * EMBED, mask=valid[:, None], other=0.0)
+        return q, k, v
+
+    @triton.jit
     def _forward_kernel(qkv, out, lse, length, heads, qkv_stride_b, qkv_stride_l, out_stride_b, out_stride_l,
                         scale, EMBED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
         program = tl.program_id(0)
         b, h = program // heads, program % heads
         rows, cols = tl.arange(0, BLOCK), tl.arange(0, HEAD_DIM)
         valid = rows < length
-        at = qkv + b * qkv_stride_b + h * HEAD_DIM + rows[:, None] * qkv_stride_l + cols[None, :]
-        q = tl.load(at, mask=valid[:, None], other=0.0)
-        k = tl.load(at + EMBED, mask=valid[:, None], other=0.0)
-        v = tl.load(at + 2 * EMBED, mask=valid[:, None], other=0.0)
+        q, k, v = _load_head(qkv, b, h, rows, cols, valid, qkv_stride_b, qkv_stride_l, EMBED, HEAD_DIM)
         scores = tl.dot(q, tl.trans(k)) * scale
         scores = tl.where(valid[None, :], scores, float("-inf"))
         peak = tl.max(scores, 1)
@@ -95,10 +103,7 @@ if triton is not None:
         b, h = program // heads, program % heads
         rows, cols = tl.arange(0, BLOCK), tl.arange(0, HEAD_DIM)
         valid = rows < length
-        at = qkv + b * qkv_stride_b + h * HEAD_DIM + rows[:, None] * qkv_stride_l + cols[None, :]
-        q = tl.load(at, mask=valid[:, None], other=0.0)
-        k = tl.load(at + EMBED, mask=valid[:, None], other=0.0)
-        v = tl.load(at + 2 * EMBED, mask=valid[:, None], other=0.0)
+        q, k, v = _load_head(qkv, b, h, rows, cols, valid, qkv_stride_b, qkv_stride_l, EMBED, HEAD_DIM)
         do = tl.load(grad_out + b * out_stride_b + h * HEAD_DIM + rows[:, None] * out_stride_l + cols[None, :],
                      mask=valid[:, None], other=0.0)
         log_total = tl.load(lse + program * BLOCK + rows)
