@@ -54,13 +54,12 @@ class ProjectedAttention(nn.Module):
         if need_weights or value is not key:
             raise ModelError("ProjectedAttention: attention weights and separate key/value inputs are not supported")
         dim = self.out_proj.in_features
-        if query is key and self.short_sequence and attn_mask is None and not (self.training and self.dropout > 0):
+        if query is key:
             qkv = self.in_proj(query)
-            if applies(qkv, self.num_heads):
+            if (self.short_sequence and attn_mask is None and not (self.training and self.dropout > 0)
+                    and applies(qkv, self.num_heads)):
                 return self.out_proj(short_attention(qkv, self.num_heads)), None
             q, k, v = qkv.split(dim, dim=-1)
-        elif query is key:
-            q, k, v = self.in_proj(query).split(dim, dim=-1)
         else:  # through the adapted projection (a slice of its weight would bypass the adapter)
             q = self.in_proj(query)[..., :dim]
             k, v = self.in_proj(key)[..., dim:].split(dim, dim=-1)
