@@ -82,7 +82,7 @@ def folder_classnames(class_dirs: Sequence[str]) -> list[str]:
     those); pass explicit class names in that case.
     """
     if class_dirs and all(is_wnid(d) for d in class_dirs):
-        if list(class_dirs) == list(imagenet_wnids()):
+        if len(class_dirs) == 1000 and list(class_dirs) == list(imagenet_wnids()):  # timm read only then
             return imagenet_classnames()
         _logger.warning(
             "%d wnid folders, not ImageNet-1k's 1000: class names stay wnids; pass classnames= to name them.",
