@@ -120,6 +120,8 @@ def test_config_file_refusals(tmp_path, capsys):
              "command line.train: unknown key 'lrr'", "Did you mean 'lr'?")  # not blamed on the file
     _refused(capsys, ["train-teacher", "--config", str(fine), "--out", str(tmp_path / "r"), "method.name=clean_ft",
                       "train.device=tpu"], "train.device: 'tpu' is not a device")
+    _refused(capsys, ["train-teacher", "--config", str(fine), "--out", str(tmp_path / "r"), "method.name=clean_ft",
+                      "train.device=meta"], "train.device: 'meta' is a meta device", "cpu or cuda")
 
 
 def test_data_file_and_pattern_refusals(config_file, world_dir, tmp_path, capsys):

@@ -158,6 +158,11 @@ def test_a_run_saved_before_a_config_key_existed_still_resumes(tmp_path):
     other.train.lr, other.attack.steps = 1e-3, 3
     with pytest.raises(MmtardError, match=r"different config .*attack.steps: 10 -> 3, train.lr: 2e-05 -> 0.001\)"):
         prepare_run_dir(run, other, force=False)
+    many = Config()
+    many.train.lr, many.train.weight_decay, many.train.seed = 1e-3, 0.5, 7
+    many.attack.steps, many.attack.momentum, many.method.kappa, many.method.lambda_r = 3, 0.5, 2.0, 3.0
+    with pytest.raises(MmtardError, match=r"train.lr: 2e-05 -> 0.001 and 2 more\)"):
+        prepare_run_dir(run, many, force=False)
     saved_as(lambda d: d["train"].update(retired_key=1))
     with pytest.raises(MmtardError, match="retired_key"):
         prepare_run_dir(run, Config(), force=False)

@@ -38,8 +38,14 @@ def resolve_device(name: str, key: str = "train.device") -> torch.device:
         device = torch.device(name)
     except RuntimeError as exc:
         raise ConfigError(f"{key}: '{name}' is not a device; use auto, cpu, cuda or cuda:N") from exc
+    if device.type not in ("cpu", "cuda"):
+        # torch knows mps, xpu, meta and more, but mmtard's precision, compile and distributed
+        # paths are written for CPUs and CUDA GPUs only; refuse here rather than fail mid-run.
+        raise ConfigError(f"{key}: '{name}' is a {device.type} device; mmtard runs on cpu or cuda[:N]")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{key}: '{name}' requested but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"{key}: '{name}' requested but this machine has {torch.cuda.device_count()} GPU(s)")
     return device
 
 

@@ -103,7 +103,10 @@ def _check_same_config(run_dir: Path, config: Config, is_main: bool) -> None:
                           "safely; use another --out or --force") from exc
     old, new = _comparable(previous), _comparable(to_dict(config))
     if old != new:
-        changed = ", ".join(f"{key}: {a!r} -> {b!r}" for key, a, b in _differences(old, new)[:5])
+        differences = _differences(old, new)
+        changed = ", ".join(f"{key}: {a!r} -> {b!r}" for key, a, b in differences[:5])
+        if len(differences) > 5:
+            changed += f" and {len(differences) - 5} more"
         raise MmtardError(f"{run_dir} holds a run with a different config ({saved}; {changed}); use another "
                           "--out or --force")
     before = (previous.get("train") or {}).get("steps")
