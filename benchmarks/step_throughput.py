@@ -108,8 +108,10 @@ def defaults(args):
     args.warmup = pick(args.warmup, 2, 1)
     args.eval_n = pick(args.eval_n, 64, 4)
     args.eval_iterations = pick(args.eval_iterations, 100, 2)
-    args.student = "mmtard-tiny-vit" if tiny else "ViT-B-32"
-    args.teacher = "mmtard-small-vit" if tiny else "ViT-L-14"
+    # QuickGELU, as the paper's models have: OpenAI's weights (the student's start, the teachers'
+    # base) were trained with it, and mmtard builds them with it (models.tag_uses_quick_gelu).
+    args.student = "mmtard-tiny-vit" if tiny else "ViT-B-32-quickgelu"
+    args.teacher = "mmtard-small-vit" if tiny else "ViT-L-14-quickgelu"
     return args
 
 

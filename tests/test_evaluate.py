@@ -175,6 +175,20 @@ def test_attack_spec_refuses_unknown_values():
         AttackSpec(name="fgsm")
     with pytest.raises(ConfigError, match="linf"):
         AttackSpec(norm="l1")
+    with pytest.raises(ConfigError, match="--apgd-ce-restarts: 0"):
+        AttackSpec(restarts=0)
+
+
+def test_apgd_ce_restarts_follow_autoattack_custom_version_unless_told():
+    """The release and RobustVLM run AutoAttack's ``custom`` version, whose APGD-CE keeps its
+    constructor's 5 restarts; the standard version sets 1. The resolved number is recorded."""
+    from mmtard.autoattack import _autoattack
+
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    for spec, restarts in ((AttackSpec(), 5), (AttackSpec(name="standard"), 1), (AttackSpec(restarts=2), 2)):
+        adversary, _ = _autoattack(net, 1 / 255, spec, n_classes=10, seed=0, device="cpu")
+        assert adversary.apgd.n_restarts == restarts and adversary.apgd_targeted.n_restarts == 1
+        assert spec.describe()["restarts"] == restarts
 
 
 # ----------------------------------------------------------------------------- run_eval + results.json
@@ -439,8 +453,9 @@ def test_resume_refuses_a_set_whose_samples_changed(tmp_path):
 
 
 def test_fixed_size_suite_sets_keep_their_native_resolution():
-    assert suite_image_size("cifar10") is None and suite_image_size("pcam") is None
+    assert suite_image_size("cifar10") is None and suite_image_size("stl10") is None
     assert suite_image_size("caltech101") == 224 and suite_image_size("imagenet-r") == 224
+    assert suite_image_size("eurosat") == 224 and suite_image_size("pcam") == 224  # as the release
 
 
 def test_suite_entry_takes_names_and_templates_in_the_head_form(tmp_path):

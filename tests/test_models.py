@@ -193,7 +193,9 @@ def _unit_columns(d: int, k: int, seed: int = 0) -> torch.Tensor:
 
 
 def _manual_logits(clip, x, weights, scale):
-    x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
+    from torchvision import transforms  # the release's resize of native-size sets: torchvision's bicubic
+
+    x = transforms.Resize((32, 32), interpolation=transforms.InterpolationMode.BICUBIC)(x)
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
     features = clip.encode_image((x - mean) / std)
@@ -394,3 +396,44 @@ def test_a_weights_file_keeps_its_models_normalisation(tmp_path, monkeypatch, ca
             stats = preprocess_stats(create_clip(ModelSpec(TINY, str(tmp_path / "bare.safetensors"))))
     assert stats[:2] == (open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
     assert caplog.text.count("normalise with different mean/std") == 1
+
+
+def test_openai_weights_get_quick_gelu_from_the_tag_and_exported_files_keep_theirs(tmp_path, monkeypatch, caplog):
+    """open_clip 3 builds ``ViT-B-32`` with GELU even for ``openai`` and only warns; mmtard takes
+    QuickGELU from the tag's config, and from the metadata of a file it exported."""
+    from mmtard.models import tag_uses_quick_gelu, uses_quick_gelu
+
+    assert tag_uses_quick_gelu("ViT-B-32", "openai") and tag_uses_quick_gelu("ViT-L-14", "openai")
+    assert not tag_uses_quick_gelu("ViT-B-32", "laion2b_s34b_b79k") and not tag_uses_quick_gelu("ViT-B-32", None)
+
+    register_tiny_models()
+    built = {}
+    real_create = open_clip.create_model
+
+    def offline_create(name, pretrained=None, **kwargs):  # the tag's weights are not on this machine
+        built[name] = kwargs.get("force_quick_gelu")
+        return real_create(TINY, pretrained=None, force_quick_gelu=kwargs.get("force_quick_gelu", False))
+
+    monkeypatch.setattr(open_clip, "create_model", offline_create)
+    monkeypatch.setattr("mmtard.models._hub_reachable", lambda host="huggingface.co": True)
+    assert uses_quick_gelu(create_clip(ModelSpec("ViT-B-32", "openai")))
+    assert built == {"ViT-B-32": True}
+    assert not uses_quick_gelu(create_clip(ModelSpec("ViT-B-32", "laion2b_s34b_b79k")))
+    monkeypatch.setattr(open_clip, "create_model", real_create)
+
+    quick = real_create(TINY, force_quick_gelu=True)
+    export_open_clip(quick, tmp_path / "quick.safetensors")
+    loaded = create_clip(ModelSpec(TINY, str(tmp_path / "quick.safetensors")))
+    assert uses_quick_gelu(loaded)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(x), quick.eval().encode_image(x))
+    export_open_clip(real_create(TINY), tmp_path / "gelu.safetensors")
+    assert not uses_quick_gelu(create_clip(ModelSpec(TINY, str(tmp_path / "gelu.safetensors"))))
+
+    # A plain state dict says nothing: the name's activation, with advice where OpenAI's used QuickGELU.
+    save_file(quick.state_dict(), str(tmp_path / "bare.safetensors"))
+    monkeypatch.setattr("mmtard.models.tag_uses_quick_gelu", lambda name, tag: tag == "openai")
+    with caplog.at_level("WARNING"):
+        assert not uses_quick_gelu(create_clip(ModelSpec(TINY, str(tmp_path / "bare.safetensors"))))
+    assert f"name the architecture '{TINY}-quickgelu'" in caplog.text

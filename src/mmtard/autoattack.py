@@ -49,7 +49,10 @@ class AttackSpec:
         iterations: iterations of each APGD attack (and PGD steps).
         norm: ``linf`` or ``l2``.
         n_target_classes: target classes of APGD-T (and FAB-T); capped at K - 1 for K classes.
-        restarts: restarts of APGD-CE (AutoAttack's standard version uses 1).
+        restarts: restarts of APGD-CE; by default 5 for ``apgd`` (AutoAttack's ``custom`` version,
+            which the release and RobustVLM run, keeps its constructor's 5) and 1 for
+            ``standard`` (what AutoAttack's standard version sets). Restarts only re-attack the
+            inputs that are still robust.
         step_size: PGD only; default 2.5 * eps / iterations (Madry et al.).
     """
 
@@ -57,7 +60,7 @@ class AttackSpec:
     iterations: int = 100
     norm: str = "linf"
     n_target_classes: int = 9
-    restarts: int = 1
+    restarts: int | None = None
     step_size: float | None = None
 
     def __post_init__(self) -> None:
@@ -67,8 +70,12 @@ class AttackSpec:
             raise ConfigError(f"eval.norm: '{self.norm}' is not one of {', '.join(_NORMS)}")
         if self.iterations < 1:
             raise ConfigError(f"eval.iterations: {self.iterations} must be >= 1")
-        if self.n_target_classes < 1 or self.restarts < 1:
-            raise ConfigError("eval: n_target_classes and restarts must be >= 1")
+        if self.restarts is None:  # frozen: the resolved number is what records keep
+            object.__setattr__(self, "restarts", 5 if self.name == "apgd" else 1)
+        if self.n_target_classes < 1:
+            raise ConfigError(f"eval: n_target_classes {self.n_target_classes} must be >= 1")
+        if self.restarts < 1:
+            raise ConfigError(f"--apgd-ce-restarts: {self.restarts} must be >= 1")
 
     @property
     def attacks(self) -> tuple[str, ...]:

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--eps", default="1/255,2/255,4/255", help="comma-separated radii (default: %(default)s)")
     ev.add_argument("--attack", default="apgd-ce,apgd-t", help="apgd-ce,apgd-t | standard | pgd (default: %(default)s)")
     ev.add_argument("--iterations", type=int, default=100, help="iterations per attack (default: %(default)s)")
+    ev.add_argument("--apgd-ce-restarts", type=int, default=None,
+                    help="restarts of APGD-CE (default: 5 for apgd-ce,apgd-t, as AutoAttack's custom version; "
+                         "1 for standard)")
     ev.add_argument("--n-samples", type=int, default=None,
                     help="seeded samples per world or zero-shot set (default: all; the paper's protocol: 1000)")
     ev.add_argument("--imagenet-samples", type=int, default=None,
@@ -208,8 +211,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         device = torch.device("cuda", env.local_rank)
     with lost_ranks_reported("run the same command again to resume"):
         datasets = _eval_datasets(args.dataset)
-        run_eval(_eval_models(args), datasets, args.eps.split(","),
-                 attack=AttackSpec(name=attack, iterations=args.iterations), n_samples=_sample_sizes(args, datasets),
+        spec = AttackSpec(name=attack, iterations=args.iterations, restarts=args.apgd_ce_restarts)
+        run_eval(_eval_models(args), datasets, args.eps.split(","), attack=spec, n_samples=_sample_sizes(args, datasets),
                  batch_size=args.batch_size, out_dir=args.out, seed=args.seed,
                  device=str(device), progress=not args.quiet)
     if not _finish_distributed():

@@ -165,8 +165,12 @@ def create_clip(spec: ModelSpec, device: str | torch.device = "cpu") -> nn.Modul
     name, pretrained = spec.name, (str(spec.pretrained) if spec.pretrained else None)
     _check_model_name(name)
     if pretrained and _is_weight_file(pretrained):
-        preprocess = _file_preprocess(Path(pretrained)) or _architecture_preprocess(name)
-        model = open_clip.create_model(name, pretrained=None, device="cpu", force_preprocess_cfg=preprocess)
+        metadata = _file_metadata(Path(pretrained))
+        preprocess = _metadata_json(metadata, PREPROCESS_METADATA) or _architecture_preprocess(name)
+        quick_gelu = _metadata_json(metadata, ACTIVATION_METADATA)
+        model = open_clip.create_model(name, pretrained=None, device="cpu", force_preprocess_cfg=preprocess,
+                                       force_quick_gelu=bool(quick_gelu))
+        _check_file_activation(model, quick_gelu, name, pretrained)
         _load_state_into(model, load_weights_file(pretrained), pretrained, name)
     elif pretrained or name.startswith("hf-hub:"):
         if pretrained and pretrained not in open_clip.list_pretrained_tags_by_model(name):
@@ -178,7 +182,8 @@ def create_clip(spec: ModelSpec, device: str | torch.device = "cpu") -> nn.Modul
         offline = not _hub_reachable()
         try:
             with _hub_cache_only(offline):
-                model = open_clip.create_model(name, pretrained=pretrained, device="cpu")
+                model = open_clip.create_model(name, pretrained=pretrained, device="cpu",
+                                               force_quick_gelu=tag_uses_quick_gelu(name, pretrained))
         except Exception as exc:
             where = f"'{name}' with pretrained='{pretrained}'" if pretrained else f"'{name}'"
             if offline:
@@ -193,24 +198,67 @@ def create_clip(spec: ModelSpec, device: str | torch.device = "cpu") -> nn.Modul
     return model.to(device).eval()
 
 
-#: safetensors metadata key under which :func:`export_open_clip` records the model's normalisation
+#: safetensors metadata keys under which :func:`export_open_clip` records the model's
+#: normalisation (mean/std) and whether its MLPs use QuickGELU
 PREPROCESS_METADATA = "mmtard.preprocess"
-_warned_architectures: set[str] = set()
+ACTIVATION_METADATA = "mmtard.quick_gelu"
+_warned_architectures: set = set()  # names (and (name, 'activation')) warned about once
 
 
-def _file_preprocess(path: Path) -> dict | None:
-    """The mean/std :func:`export_open_clip` wrote into a safetensors file, if any."""
+def _file_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors file (empty for other formats and unreadable files)."""
     if path.suffix != ".safetensors" or not path.is_file():
-        return None
+        return {}
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            text = (handle.metadata() or {}).get(PREPROCESS_METADATA)
-        return json.loads(text) if text else None
+            return dict(handle.metadata() or {})
     except Exception as exc:  # a damaged file is reported by the load itself, naming it
-        log.debug("no preprocessing metadata in %s: %s", path, exc)
+        log.debug("no metadata in %s: %s", path, exc)
+        return {}
+
+
+def _metadata_json(metadata: dict[str, str], key: str):
+    """One JSON value of a file's metadata; ``None`` when absent or unreadable."""
+    try:
+        return json.loads(metadata[key]) if key in metadata else None
+    except ValueError:
+        log.debug("unreadable metadata %s: %r", key, metadata[key])
         return None
+
+
+def tag_uses_quick_gelu(name: str, tag: str | None) -> bool:
+    """Whether open_clip's pretrained tag was trained with QuickGELU (all of OpenAI's CLIPs were).
+
+    open_clip 3 builds a plain name such as ``ViT-B-32`` with ``nn.GELU`` whatever the tag and
+    only warns, so OpenAI's weights would run with the wrong activation (the release, on open_clip
+    2.19, got QuickGELU for ``openai``); the flag is therefore set from the tag's own config.
+    """
+    if not tag or tag not in open_clip.list_pretrained_tags_by_model(name):
+        return False
+    return bool(open_clip.get_pretrained_cfg(name, tag).get("quick_gelu", False))
+
+
+def uses_quick_gelu(clip: nn.Module) -> bool:
+    """Whether a built open_clip model's MLPs use QuickGELU."""
+    return any(isinstance(module, open_clip.model.QuickGELU) for module in clip.modules())
+
+
+def _check_file_activation(model: nn.Module, recorded: bool | None, name: str, path: str) -> None:
+    """A weights file recorded by :func:`export_open_clip` gets its own activation; any other file
+    gets the architecture's, with a warning (once per architecture) where OpenAI's weights of that
+    architecture used QuickGELU: a fine-tune of them (TeCoA, FARE, PMG-AFT checkpoints) needs
+    ``NAME-quickgelu``, and nothing in a plain state dict says which it was."""
+    if recorded is False and uses_quick_gelu(model):
+        raise ModelError(f"{path} was exported from a model with GELU, but '{name}' builds QuickGELU; "
+                         "use the architecture name without '-quickgelu'")
+    if recorded is None and not uses_quick_gelu(model) and tag_uses_quick_gelu(name, "openai") \
+            and (name, "activation") not in _warned_architectures:
+        _warned_architectures.add((name, "activation"))
+        log.warning("%s: a weights file without mmtard's metadata is built with GELU, as '%s' says; OpenAI's "
+                    "%s used QuickGELU, so if these weights descend from them name the architecture '%s-quickgelu'",
+                    path, name, name, name)
 
 
 def _architecture_preprocess(name: str) -> dict | None:
@@ -278,9 +326,12 @@ class CLIPClassifier(nn.Module):
         self.text_weights = text_weights.to(device=self.mean.device, dtype=torch.float32)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """Resize to the model's input size and normalise; differentiable, so attacks pass through."""
+        """Resize to the model's input size and normalise; differentiable, so attacks pass through.
+
+        Bicubic with antialiasing is what torchvision's ``Resize(BICUBIC)`` does to a float tensor,
+        the resize the release's CLIP_benchmark puts in front of CIFAR and STL-10 models."""
         if tuple(x.shape[-2:]) != self.image_size:
-            x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False, antialias=False)
+            x = F.interpolate(x, size=self.image_size, mode="bicubic", align_corners=False, antialias=True)
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
     def image_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -327,7 +378,9 @@ def train_only_image_tower(clip: nn.Module) -> None:
 
 def export_open_clip(clip: nn.Module, path: str | Path) -> Path:
     """Write a full CLIP as one safetensors file that
-    ``open_clip.create_model_and_transforms(name, pretrained=path)`` loads back unchanged.
+    ``open_clip.create_model_and_transforms(name, pretrained=path)`` loads back unchanged (with
+    ``force_quick_gelu=True`` for a QuickGELU model such as one started from OpenAI's weights;
+    :func:`create_clip` reads that, and the normalisation, from the file's metadata).
 
     Written atomically and durably (:func:`mmtard.checkpoint.durable_replace`): the file marks a
     finished run, so a crash must never leave a half (or, after a power cut, an empty) one.
@@ -339,7 +392,8 @@ def export_open_clip(clip: nn.Module, path: str | Path) -> Path:
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in clip.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
     mean, std, _ = preprocess_stats(clip)  # read back by create_clip: a SigLIP student stays a SigLIP
-    metadata = {PREPROCESS_METADATA: json.dumps({"mean": mean, "std": std})}
+    metadata = {PREPROCESS_METADATA: json.dumps({"mean": mean, "std": std}),
+                ACTIVATION_METADATA: json.dumps(uses_quick_gelu(clip))}
     try:
         save_file(state, str(tmp), metadata=metadata)
         durable_replace(tmp, path)
