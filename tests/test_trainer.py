@@ -436,3 +436,28 @@ def test_grad_clip_zero_turns_clipping_off(world_dir, tmp_path):
     assert max(float((p.detach() - b).abs().max()) for p, b in zip(trainer.trainable, before)) > 1e-4
     rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
     assert float(rows[0]["grad_norm"]) > 0
+
+
+@pytest.mark.parametrize("recipe", ["paper", "release"])
+def test_ard_recipes_distil_from_the_robust_teacher_on_adversarial_or_clean_images(world_dir, tmp_path, recipe):
+    """``paper`` (METHOD.md §5): KL(z_R(x_adv) || z_S(x_adv)); ``release`` (the release's
+    single-teacher script, the original ARD): KL(z_R(x) || z_S(x_adv)), with no teacher pass on x_adv."""
+    from mmtard.losses import kl_per_sample
+
+    overrides = tiny_overrides(world_dir, "ard", steps=1, **{"method.recipe": recipe, "train.precision": "fp32",
+                                                            "train.clean_teacher_cache": "false"})
+    trainer = Trainer(load_config(None, overrides), tmp_path / "run", show_progress=False)
+    (_, robust), = trainer.method.teachers_of("robust")
+    seen = []
+    embed = robust.model.image_embed
+    robust.model.image_embed = lambda x: seen.append(x.detach().clone()) or embed(x)
+    images, labels, indices = next(iter(torch.utils.data.DataLoader(trainer.dataset, batch_size=4)))
+    trainer.method.train()
+    out = trainer.method(images, labels, indices)
+    assert torch.equal(seen[0], images) and len(seen) == (1 if recipe == "release" else 2)
+    if recipe == "paper":
+        assert not torch.equal(seen[1], images)  # the adversarial images
+    with torch.no_grad():
+        target = robust.model.logits(images if recipe == "release" else seen[1])
+    expected = kl_per_sample(target, out["logits_adv"]).mean()
+    torch.testing.assert_close(out["loss"], expected, rtol=1e-5, atol=1e-6)

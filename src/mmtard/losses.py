@@ -355,7 +355,8 @@ def ard_loss(l_robust: Tensor) -> Tensor:
     """ARD with a single robust teacher (§5): L = mean_i L_R,i, i.e. the paper recipe with the clean stream off.
 
     Args:
-        l_robust: ``kl_per_sample(z_R(x_adv), z_S(x_adv))``, shape [B].
+        l_robust: ``kl_per_sample(z_R(x_adv), z_S(x_adv))`` (the ``release`` recipe: z_R(x) as
+            the target), shape [B].
 
     Returns:
         Float32 scalar.
