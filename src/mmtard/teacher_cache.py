@@ -54,8 +54,9 @@ def samples_digest(sample_ids: Sequence[str]) -> str:
 def weights_digest(name: str, pretrained: str | None) -> str:
     """A short digest of where a teacher's weights come from: its architecture and weights source,
     and for a local file its size and modification time (a retrained teacher written to the same
-    path changes them; reading the whole file would cost a ViT-L's worth of disk per start)."""
-    key = f"{name}|{pretrained}"
+    path changes them; reading the whole file would cost a ViT-L's worth of disk per start).
+    ``v2``: OpenAI-derived teachers now run with QuickGELU, so rows written before are not theirs."""
+    key = f"v2|{name}|{pretrained}"
     if pretrained and Path(pretrained).is_file():
         stat = Path(pretrained).stat()
         key += f"|{stat.st_size}|{stat.st_mtime_ns}"
