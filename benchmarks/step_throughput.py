@@ -539,7 +539,7 @@ def _time_autoattack(args, classifier, device, timer) -> None:
     timer.sync()
     seconds = time.perf_counter() - t0
     emit("autoattack", images_per_s=args.eval_n / seconds, seconds=seconds, n=args.eval_n, classes=args.classes,
-         iterations=args.eval_iterations, attacks="apgd-ce+apgd-t", eps=args.eval_eps,
+         iterations=args.eval_iterations, attacks="apgd-ce+apgd-t", apgd_ce_restarts=spec.restarts, eps=args.eval_eps,
          robust_fraction=float(outcome.robust.float().mean()), peak_mem_GiB=timer.peak_gib(), precision="fp32")
 
 

@@ -43,8 +43,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--tiny", action="store_true", help="mmtard-tiny-vit student, mmtard-small-vit teacher, batch 4")
-    p.add_argument("--student", default=None, help="open_clip model name (default ViT-B-32)")
-    p.add_argument("--teacher", default=None, help="open_clip model name (default ViT-L-14)")
+    p.add_argument("--student", default=None, help="open_clip model name (default ViT-B-32-quickgelu)")
+    p.add_argument("--teacher", default=None, help="open_clip model name (default ViT-L-14-quickgelu)")
     p.add_argument("--batch", type=int, default=None, help="the step's micro-batch B (default 128; tiny 4)")
     p.add_argument("--teacher-batch", type=int, default=None, help="batch of the teacher pass (default B)")
     p.add_argument("--iters", type=int, default=None, help="timed calls per pass (default 10; tiny 1)")
@@ -55,8 +55,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    args.student = args.student or ("mmtard-tiny-vit" if args.tiny else "ViT-B-32")
-    args.teacher = args.teacher or ("mmtard-small-vit" if args.tiny else "ViT-L-14")
+    # QuickGELU as OpenAI's weights, which the paper's student and teachers start from
+    args.student = args.student or ("mmtard-tiny-vit" if args.tiny else "ViT-B-32-quickgelu")
+    args.teacher = args.teacher or ("mmtard-small-vit" if args.tiny else "ViT-L-14-quickgelu")
     args.batch = args.batch or (4 if args.tiny else 128)
     args.teacher_batch = args.teacher_batch or args.batch
     args.iters = args.iters or (1 if args.tiny else 10)
