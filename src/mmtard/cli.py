@@ -5,6 +5,7 @@
     mmtard distill --config FILE --out DIR [key=value ...]
     mmtard eval --model NAME --pretrained FILE ... --dataset world=DIR --out DIR
     mmtard report DIR [DIR ...] --out DIR
+    mmtard convert --model NAME --pretrained TAG|FILE [--visual FILE] --out FILE.safetensors
     mmtard demo [--out DIR] [--quick] [--seeds N]
 
 Any refusal on bad input is one line on stderr and exit code 2; ``--debug`` shows the traceback.
@@ -77,6 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("inputs", nargs="+", help="evaluation folders, results.json files or training run folders")
     report.add_argument("--out", required=True, help="report folder: report.md and its figures")
 
+    convert = sub.add_parser("convert", help="another tool's checkpoint (an image encoder alone, e.g. RobustVLM's or "
+                             "the MMT-ARD release's) as a full-CLIP safetensors file mmtard loads")
+    convert.add_argument("--model", required=True, help="open_clip architecture, e.g. ViT-L-14")
+    convert.add_argument("--pretrained", default=None,
+                         help="the base model (tag such as openai, or a file): its text encoder and settings")
+    convert.add_argument("--visual", default=None,
+                         help="image-encoder state dict (.pt/.safetensors) loaded over the base's image encoder")
+    convert.add_argument("--out", required=True, help="the full-CLIP .safetensors file to write")
+
     world = sub.add_parser("world", help="generate the offline world (images, captions, zero-shot sets)")
     world.add_argument("--out", required=True, help="folder to write the world to (replaces a world there)")
     world.add_argument("--seed", type=int, default=0, help="seed of every image and caption (default: %(default)s)")
@@ -116,6 +126,17 @@ def _cmd_world(args: argparse.Namespace) -> int:
     summary = main_generate(args.out, seed=args.seed, size=args.size, image_size=args.image_size)
     for key, value in summary.items():
         print(f"{key}: {value}")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from mmtard.convert import convert
+
+    if not args.out.endswith(".safetensors"):
+        raise ConfigError(f"--out {args.out}: the converted model is written as safetensors; "
+                          "end the name in .safetensors")
+    path = convert(args.model, args.pretrained, args.out, visual=args.visual)
+    print(f"wrote {path}: use it as pretrained: {path} with the architecture {args.model}")
     return 0
 
 
@@ -212,8 +233,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     with lost_ranks_reported("run the same command again to resume"):
         datasets = _eval_datasets(args.dataset)
         spec = AttackSpec(name=attack, iterations=args.iterations, restarts=args.apgd_ce_restarts)
-        run_eval(_eval_models(args), datasets, args.eps.split(","), attack=spec, n_samples=_sample_sizes(args, datasets),
-                 batch_size=args.batch_size, out_dir=args.out, seed=args.seed,
+        run_eval(_eval_models(args), datasets, args.eps.split(","), attack=spec,
+                 n_samples=_sample_sizes(args, datasets), batch_size=args.batch_size, out_dir=args.out, seed=args.seed,
                  device=str(device), progress=not args.quiet)
     if not _finish_distributed():
         return 0
@@ -244,6 +265,7 @@ COMMANDS = {
     "eval": _cmd_eval,
     "report": _cmd_report,
     "world": _cmd_world,
+    "convert": _cmd_convert,
 }
 
 

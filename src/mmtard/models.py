@@ -104,6 +104,24 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
 
     A file that needs arbitrary unpickling is refused: it could run code on load.
     """
+    state = read_weights_file(path)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path} does not hold a state dict of tensors")
+    return strip_module_prefix(state)
+
+
+def strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict saved from a DDP-wrapped model, without its ``module.`` prefix."""
+    if state and next(iter(state)).startswith("module."):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def read_weights_file(path: str | Path) -> object:
+    """What a safetensors or weights-only torch file holds (a dict of tensors, or a checkpoint
+    dict that wraps one), read without ever unpickling code."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"weight file not found: {path}")
@@ -126,12 +144,6 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
             ) from exc
         except (RuntimeError, EOFError, OSError) as exc:
             raise ModelError(f"cannot read weight file {path}: {exc}") from exc
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelError(f"{path} does not hold a state dict of tensors")
-    if state and next(iter(state)).startswith("module."):
-        state = {k[len("module."):]: v for k, v in state.items()}
     return state
 
 

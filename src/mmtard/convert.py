@@ -1,0 +1,82 @@
+"""Turn other tools' checkpoints into the full-CLIP safetensors files every mmtard command loads.
+
+The robust CLIPs researchers compare with are mostly saved as an image encoder alone: RobustVLM's
+TeCoA and FARE training and the MMT-ARD release save ``model.visual.state_dict()`` (TeCoA's own
+code wraps it as ``{"vision_encoder_state_dict": ...}``) and load it over OpenAI's CLIP, whose text
+encoder the zero-shot head needs. :func:`convert` does that once, explicitly: the base model's
+text tower and settings, the file's image tower, written with mmtard's metadata (normalisation,
+QuickGELU), so the result is an ordinary weights file for teachers, students and evaluation.
+Without an image-encoder file it just writes the base model (a pretrained tag or hub id turned
+into a local file, for a machine that is offline).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mmtard.errors import ModelError
+from mmtard.models import ModelSpec, create_clip, export_open_clip, read_weights_file, strip_module_prefix
+
+log = logging.getLogger(__name__)
+
+#: keys under which other tools wrap an image encoder's state dict
+_WRAPPERS = ("vision_encoder_state_dict", "state_dict", "visual", "model")
+
+
+def image_tower_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The image-encoder state dict in ``path``, keys relative to ``clip.visual``.
+
+    Accepts a bare ``visual`` state dict, one wrapped under a known key, or a full CLIP (its
+    ``visual.*`` entries are taken, the rest ignored with a note).
+    """
+    state = _unwrap(read_weights_file(path), path)
+    visual = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+    if visual:
+        if len(visual) < len(state):
+            log.info("%s: a full model; its %d image-encoder tensors are taken, %d others ignored",
+                     path, len(visual), len(state) - len(visual))
+        return visual
+    return state
+
+
+def _unwrap(state: object, path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of tensors inside a checkpoint: the file's top level or a known wrapper key."""
+    if isinstance(state, dict):
+        for key in _WRAPPERS:
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        keys = ", ".join(sorted(map(str, state))[:6]) if isinstance(state, dict) else type(state).__name__
+        raise ModelError(f"{path} holds no image-encoder state dict of tensors (top level: {keys}); "
+                         f"expected a visual state dict or one under {', '.join(_WRAPPERS)}")
+    return strip_module_prefix(state)
+
+
+def load_image_tower(clip: nn.Module, state: dict[str, torch.Tensor], path: str | Path, name: str) -> None:
+    """Load an image encoder into ``clip.visual``, naming the file and the first mismatches."""
+    own = clip.visual.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise ModelError(
+            f"{path} is not an image encoder of '{name}': {len(missing)} missing keys (first: {missing[:3]}), "
+            f"{len(unexpected)} unexpected keys (first: {unexpected[:3]})"
+        )
+    for key, value in state.items():
+        if own[key].shape != value.shape:
+            raise ModelError(f"{path} is not an image encoder of '{name}': tensor '{key}' has shape "
+                             f"{tuple(value.shape)} in the file but {tuple(own[key].shape)} in the model")
+    clip.visual.load_state_dict(state, strict=True)
+
+
+def convert(name: str, pretrained: str | None, out: str | Path, visual: str | Path | None = None) -> Path:
+    """Write ``out``: the CLIP ``name``/``pretrained``, its image encoder replaced by ``visual``'s."""
+    clip = create_clip(ModelSpec(name, pretrained))
+    if visual is not None:
+        load_image_tower(clip, image_tower_state(visual), visual, name)
+    return export_open_clip(clip, out)

@@ -1,0 +1,85 @@
+"""`mmtard convert`: an image encoder saved alone (RobustVLM's and the MMT-ARD release's
+checkpoints) over a base CLIP's text encoder, written as a full-CLIP file every command loads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mmtard.cli import main
+from mmtard.convert import convert
+from mmtard.errors import ModelError
+from mmtard.models import ModelSpec, create_clip, export_open_clip
+
+TINY = "mmtard-tiny-vit"
+
+
+def _clip(seed):
+    torch.manual_seed(seed)
+    return create_clip(ModelSpec(TINY))
+
+
+def _same(a: dict, b: dict) -> bool:
+    return sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def base_and_robust(tmp_path):
+    base, robust = _clip(1), _clip(2)
+    base_file = export_open_clip(base, tmp_path / "base.safetensors")
+    return base, robust, base_file
+
+
+@pytest.mark.parametrize("layout", ["bare", "tecoa", "ddp", "full", "safetensors"])
+def test_image_encoder_alone_goes_over_the_base_text_encoder(base_and_robust, tmp_path, layout):
+    base, robust, base_file = base_and_robust
+    visual = robust.visual.state_dict()
+    path = tmp_path / ("visual.safetensors" if layout == "safetensors" else "visual.pt")
+    if layout == "safetensors":
+        save_file({k: v.contiguous() for k, v in visual.items()}, str(path))
+    else:
+        saved = {"bare": visual, "tecoa": {"epoch": 3, "vision_encoder_state_dict": visual},
+                 "ddp": {f"module.{k}": v for k, v in visual.items()}, "full": robust.state_dict()}[layout]
+        torch.save(saved, path)
+    out = convert(TINY, str(base_file), tmp_path / "out.safetensors", visual=path)
+    loaded = create_clip(ModelSpec(TINY, str(out)))
+    assert _same(loaded.visual.state_dict(), robust.visual.state_dict())
+    assert _same(loaded.transformer.state_dict(), base.transformer.state_dict())  # the text encoder
+    assert not _same(loaded.visual.state_dict(), base.visual.state_dict())
+
+
+def test_convert_refuses_what_is_not_an_image_encoder(base_and_robust, tmp_path, capsys):
+    base, robust, base_file = base_and_robust
+    state = robust.visual.state_dict()
+    cut = tmp_path / "cut.pt"
+    torch.save({k: v for k, v in state.items() if k != "proj"}, cut)
+    with pytest.raises(ModelError, match=r"cut.pt is not an image encoder of 'mmtard-tiny-vit': 1 missing keys"):
+        convert(TINY, str(base_file), tmp_path / "o.safetensors", visual=cut)
+    wrong = tmp_path / "wrong.pt"
+    torch.save({**state, "proj": torch.zeros(3, 3)}, wrong)
+    with pytest.raises(ModelError, match="tensor 'proj' has shape"):
+        convert(TINY, str(base_file), tmp_path / "o.safetensors", visual=wrong)
+    notes = tmp_path / "notes.pt"
+    torch.save({"epoch": 3, "lr": 0.1}, notes)
+    with pytest.raises(ModelError, match="holds no image-encoder state dict of tensors"):
+        convert(TINY, str(base_file), tmp_path / "o.safetensors", visual=notes)
+    assert main(["convert", "--model", TINY, "--pretrained", str(base_file), "--visual", str(cut),
+                 "--out", str(tmp_path / "o.safetensors")]) == 2
+    assert "1 missing keys" in capsys.readouterr().err
+    assert main(["convert", "--model", TINY, "--out", str(tmp_path / "o.pt")]) == 2
+    assert "end the name in .safetensors" in capsys.readouterr().err
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_convert_command_writes_a_file_the_other_commands_load(base_and_robust, tmp_path, capsys):
+    base, robust, base_file = base_and_robust
+    visual = tmp_path / "final.pt"
+    torch.save(robust.visual.state_dict(), visual)
+    out = tmp_path / "teacher.safetensors"
+    assert main(["convert", "--model", TINY, "--pretrained", str(base_file), "--visual", str(visual),
+                 "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(create_clip(ModelSpec(TINY, str(out))).encode_image(x), robust.encode_image(x))
