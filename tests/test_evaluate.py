@@ -450,6 +450,9 @@ def test_resume_refuses_a_set_whose_samples_changed(tmp_path):
     changed.dataset.sample_ids = [f"other/{i:04d}" for i in range(8)]  # same size, other images
     with pytest.raises(ConfigError, match="sample_ids differs"):
         run_eval([ModelEntry("m", TINY)], [changed], ["1/255"], spec, **kwargs)
+    # another attack: the refusal names the setting that differs, not a truncated dict
+    with pytest.raises(ConfigError, match=r"attack differs: stored \"\{'iterations': 1\}\", now \"\{'iterations': 2\}\""):
+        run_eval([ModelEntry("m", TINY)], [_entry(8)], ["1/255"], AttackSpec(name="pgd", iterations=2), **kwargs)
 
 
 def test_fixed_size_suite_sets_keep_their_native_resolution():

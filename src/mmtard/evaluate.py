@@ -140,9 +140,13 @@ def _open_record(path: Path, fresh: dict, data_digest: Callable[[str], str | Non
     for key in ("arch", "weights", "weights_file", "indices", "sample_ids", "attack", "head", "seed", "image_size"):
         if old.get(key) != fresh[key]:
             hint = " (--n-samples / --imagenet-samples or --seed changed?)" if key == "indices" else ""
+            stored, now = old.get(key), fresh[key]
+            if isinstance(stored, dict) and isinstance(now, dict):  # name the attack settings that differ
+                changed = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
+                stored, now = ({k: d.get(k) for k in changed} for d in (stored, now))
             raise ConfigError(
                 f"{path} was written by a different evaluation ({key} differs: stored "
-                f"{str(old.get(key))[:80]!r}, now {str(fresh[key])[:80]!r}){hint}. Use another --out (out_dir), "
+                f"{str(stored)[:80]!r}, now {str(now)[:80]!r}){hint}. Use another --out (out_dir), "
                 "or delete that file to recompute it."
             )
     if not same_data(old.get("data"), data_digest):  # None: written before digests, nothing to compare

@@ -214,7 +214,8 @@ def create_clip(spec: ModelSpec, device: str | torch.device = "cpu") -> nn.Modul
 #: normalisation (mean/std) and whether its MLPs use QuickGELU
 PREPROCESS_METADATA = "mmtard.preprocess"
 ACTIVATION_METADATA = "mmtard.quick_gelu"
-_warned_architectures: set = set()  # names (and (name, 'activation')) warned about once
+_warned_architectures: set[str] = set()  # architectures whose tags' mean/std disagree, warned once
+_warned_activation: set[str] = set()  # architectures whose files' activation was guessed, warned once
 
 
 def _file_metadata(path: Path) -> dict[str, str]:
@@ -266,8 +267,8 @@ def _check_file_activation(model: nn.Module, recorded: bool | None, name: str, p
         raise ModelError(f"{path} was exported from a model with GELU, but '{name}' builds QuickGELU; "
                          "use the architecture name without '-quickgelu'")
     if recorded is None and not uses_quick_gelu(model) and tag_uses_quick_gelu(name, "openai") \
-            and (name, "activation") not in _warned_architectures:
-        _warned_architectures.add((name, "activation"))
+            and name not in _warned_activation:
+        _warned_activation.add(name)
         log.warning("%s: a weights file without mmtard's metadata is built with GELU, as '%s' says; OpenAI's "
                     "%s used QuickGELU, so if these weights descend from them name the architecture '%s-quickgelu'",
                     path, name, name, name)
