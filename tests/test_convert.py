@@ -69,6 +69,8 @@ def test_convert_refuses_what_is_not_an_image_encoder(base_and_robust, tmp_path,
     assert "1 missing keys" in capsys.readouterr().err
     assert main(["convert", "--model", TINY, "--out", str(tmp_path / "o.pt")]) == 2
     assert "end the name in .safetensors" in capsys.readouterr().err
+    assert main(["convert", "--model", TINY, "--visual", str(cut), "--out", str(tmp_path / "o.safetensors")]) == 2
+    assert "no --pretrained base" in capsys.readouterr().err
     assert not (tmp_path / "o.safetensors").exists()
 
 
@@ -83,3 +85,21 @@ def test_convert_command_writes_a_file_the_other_commands_load(base_and_robust, 
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(create_clip(ModelSpec(TINY, str(out))).encode_image(x), robust.encode_image(x))
+
+
+def test_a_quick_gelu_base_gives_a_quick_gelu_result(tmp_path):
+    """OpenAI's CLIPs are QuickGELU; the converted file records it, so it loads as it was trained."""
+    import open_clip
+
+    from mmtard.models import register_tiny_models, uses_quick_gelu
+
+    register_tiny_models()
+    base = open_clip.create_model(TINY, force_quick_gelu=True)
+    base_file = export_open_clip(base, tmp_path / "openai_like.safetensors")
+    visual = tmp_path / "final.pt"
+    robust = _clip(3)
+    torch.save(robust.visual.state_dict(), visual)
+    out = convert(TINY, str(base_file), tmp_path / "out.safetensors", visual=visual)
+    loaded = create_clip(ModelSpec(TINY, str(out)))
+    assert uses_quick_gelu(loaded)
+    assert _same(loaded.visual.state_dict(), robust.visual.state_dict())

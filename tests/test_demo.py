@@ -78,6 +78,16 @@ def test_demo_names_a_damaged_marker(tmp_path, capsys):
         assert "demo.json is damaged" in capsys.readouterr().err
 
 
+def test_a_demo_of_an_older_model_forward_is_not_reused(tmp_path, capsys):
+    from dataclasses import asdict
+
+    from mmtard.demo import QUICK
+
+    (tmp_path / "demo.json").write_text(json.dumps({"plan": asdict(QUICK), "seeds": 1}))  # no "forward": version 1
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 2
+    assert "made by an older mmtard" in capsys.readouterr().err
+
+
 def test_pretraining_refuses_fewer_pairs_than_one_batch(tmp_path):
     from mmtard.errors import DataError
     from mmtard.pretrain import PretrainConfig, pretrain_clip

@@ -177,6 +177,8 @@ def test_attack_spec_refuses_unknown_values():
         AttackSpec(norm="l1")
     with pytest.raises(ConfigError, match="--apgd-ce-restarts: 0"):
         AttackSpec(restarts=0)
+    with pytest.raises(ConfigError, match="--attack pgd runs no APGD-CE"):
+        AttackSpec(name="pgd", restarts=3)
 
 
 def test_apgd_ce_restarts_follow_autoattack_custom_version_unless_told():
@@ -485,9 +487,7 @@ def test_a_record_from_before_image_sizes_were_stored(tmp_path):
     from mmtard.evaluate import _open_record
 
     for dataset, fresh_size, refused in (("cifar10", None, True), ("patterns", 32, False)):
-        fresh = {"arch": TINY, "weights": None, "weights_file": None, "indices": [0, 1], "sample_ids": ["a", "b"],
-                 "attack": {"name": "pgd"}, "head": "h", "seed": 0, "batch_size": 2, "dataset": dataset,
-                 "image_size": fresh_size, "data": None}
+        fresh = _fresh_record(dataset, image_size=fresh_size)
         legacy = {k: v for k, v in fresh.items() if k != "image_size"}
         path = tmp_path / f"{dataset}.json"
         path.write_text(json.dumps(legacy))
@@ -496,6 +496,29 @@ def test_a_record_from_before_image_sizes_were_stored(tmp_path):
                 _open_record(path, fresh)
         else:
             assert _open_record(path, fresh)["image_size"] == 32
+
+
+def _fresh_record(dataset: str, **changes) -> dict:
+    from mmtard.results import MODEL_FORWARD
+
+    return {"arch": TINY, "weights": None, "weights_file": None, "forward": MODEL_FORWARD, "indices": [0, 1],
+            "sample_ids": ["a", "b"], "attack": {"name": "pgd"}, "head": "h", "seed": 0, "batch_size": 2,
+            "dataset": dataset, "image_size": 32, "data": None, **changes}
+
+
+def test_a_record_or_row_from_before_quick_gelu_and_bicubic_is_not_resumed_or_merged(tmp_path):
+    """Version-1 records ran OpenAI-derived weights with GELU and resized with bilinear."""
+    from mmtard.evaluate import _open_record
+    from mmtard.results import same_evaluation
+
+    fresh = _fresh_record("patterns")
+    legacy = {k: v for k, v in fresh.items() if k != "forward"}
+    (tmp_path / "r.json").write_text(json.dumps(legacy))
+    with pytest.raises(ConfigError, match=r"forward differs: stored '1', now '2'\) \(written by an older mmtard"):
+        _open_record(tmp_path / "r.json", fresh)
+    row = {"arch": TINY, "weights": None, "attack": {"name": "pgd"}}
+    assert same_evaluation(row, dict(row)) and same_evaluation({**row, "forward": 1}, row)
+    assert not same_evaluation(row, {**row, "forward": 2})
 
 
 def test_an_empty_set_is_refused_by_name(tmp_path):

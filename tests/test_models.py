@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from mmtard.errors import ModelError
 from mmtard.lora import ProjectedAttention, add_lora, has_lora, merged_copy
 from mmtard.models import (
+    PREPROCESS_METADATA,
     CLIPClassifier,
     ModelSpec,
     create_clip,
@@ -193,9 +194,9 @@ def _unit_columns(d: int, k: int, seed: int = 0) -> torch.Tensor:
 
 
 def _manual_logits(clip, x, weights, scale):
-    from torchvision import transforms  # the release's resize of native-size sets: torchvision's bicubic
+    from torchvision import transforms  # the release's resize in front of native-size sets, exactly
 
-    x = transforms.Resize((32, 32), interpolation=transforms.InterpolationMode.BICUBIC)(x)
+    x = transforms.Resize((32, 32), interpolation=transforms.InterpolationMode.BICUBIC, antialias=None)(x)
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
     features = clip.encode_image((x - mean) / std)
@@ -207,7 +208,7 @@ def test_classifier_resizes_and_computes_scaled_cosine_logits():
     weights = _unit_columns(64, 5)
     model = CLIPClassifier(clip, weights, scale=100.0)
     assert model.num_classes == 5
-    x = torch.rand(2, 3, 40, 40)
+    x = torch.rand(2, 3, 20, 20)  # upscaled, as CIFAR to 224
     with torch.no_grad():
         logits = model(x)
         expected = _manual_logits(clip, x, weights, 100.0)
@@ -434,6 +435,14 @@ def test_openai_weights_get_quick_gelu_from_the_tag_and_exported_files_keep_thei
     # A plain state dict says nothing: the name's activation, with advice where OpenAI's used QuickGELU.
     save_file(quick.state_dict(), str(tmp_path / "bare.safetensors"))
     monkeypatch.setattr("mmtard.models.tag_uses_quick_gelu", lambda name, tag: tag == "openai")
+    monkeypatch.setattr("mmtard.models._warned_activation", set())
     with caplog.at_level("WARNING"):
         assert not uses_quick_gelu(create_clip(ModelSpec(TINY, str(tmp_path / "bare.safetensors"))))
     assert f"name the architecture '{TINY}-quickgelu'" in caplog.text
+    # An mmtard export from before the activation was recorded: GELU, as every model was then, no advice.
+    caplog.clear()
+    save_file(quick.state_dict(), str(tmp_path / "old.safetensors"), metadata={PREPROCESS_METADATA: "{}"})
+    monkeypatch.setattr("mmtard.models._warned_activation", set())
+    with caplog.at_level("WARNING"):
+        assert not uses_quick_gelu(create_clip(ModelSpec(TINY, str(tmp_path / "old.safetensors"))))
+    assert "quickgelu" not in caplog.text

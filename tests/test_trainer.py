@@ -461,3 +461,18 @@ def test_ard_recipes_distil_from_the_robust_teacher_on_adversarial_or_clean_imag
         target = robust.model.logits(images if recipe == "release" else seen[1])
     expected = kl_per_sample(target, out["logits_adv"]).mean()
     torch.testing.assert_close(out["loss"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_of_an_older_model_forward_is_not_resumed(world_dir, tmp_path, monkeypatch):
+    """A run checkpointed when OpenAI-derived weights ran with GELU would change its model half-way."""
+    from mmtard import checkpoint as ckpt
+    from mmtard.errors import MmtardError
+
+    overrides = tiny_overrides(world_dir, steps=3)
+    _interrupt_after(overrides, tmp_path / "run", 1, monkeypatch)
+    (_, path), = ckpt.list_checkpoints(tmp_path / "run")
+    state = ckpt.load_checkpoint(path)
+    del state["forward"]  # as written before the field existed
+    ckpt.atomic_save(state, path)
+    with pytest.raises(MmtardError, match="written by an older mmtard, which ran OpenAI-derived weights with GELU"):
+        Trainer(load_config(None, overrides), tmp_path / "run", show_progress=False).train()

@@ -214,3 +214,18 @@ def test_a_given_fingerprint_gives_the_same_cache_key(clip):
 
     names, templates = ["cat", "dog"], ["a photo of a {}."]
     assert cache_key(clip, names, templates) == cache_key(clip, names, templates, fingerprint_text_tower(clip))
+
+
+def test_the_text_cache_tells_gelu_from_quick_gelu_with_the_same_weights():
+    """QuickGELU has no weights: a GELU and a QuickGELU tower share their state dict, not their
+    text embeddings."""
+    import open_clip
+
+    from mmtard.models import register_tiny_models
+    from mmtard.zeroshot import fingerprint_text_tower
+
+    register_tiny_models()
+    gelu = open_clip.create_model("mmtard-tiny-vit")
+    quick = open_clip.create_model("mmtard-tiny-vit", force_quick_gelu=True)
+    quick.load_state_dict(gelu.state_dict())
+    assert fingerprint_text_tower(gelu) != fingerprint_text_tower(quick)

@@ -72,6 +72,8 @@ class AttackSpec:
             raise ConfigError(f"eval.iterations: {self.iterations} must be >= 1")
         if self.restarts is None:  # frozen: the resolved number is what records keep
             object.__setattr__(self, "restarts", 5 if self.name == "apgd" else 1)
+        elif self.name == "pgd" and self.restarts != 1:
+            raise ConfigError(f"--apgd-ce-restarts: {self.restarts} restarts, but --attack pgd runs no APGD-CE")
         if self.n_target_classes < 1:
             raise ConfigError(f"eval: n_target_classes {self.n_target_classes} must be >= 1")
         if self.restarts < 1:

@@ -76,6 +76,9 @@ def load_image_tower(clip: nn.Module, state: dict[str, torch.Tensor], path: str 
 
 def convert(name: str, pretrained: str | None, out: str | Path, visual: str | Path | None = None) -> Path:
     """Write ``out``: the CLIP ``name``/``pretrained``, its image encoder replaced by ``visual``'s."""
+    if not pretrained and not name.startswith(("hf-hub:", "local-dir:")):
+        raise ModelError(f"convert '{name}': no --pretrained base, so its text encoder would be random; give the "
+                         "weights the image encoder was trained from (e.g. --pretrained openai, or a file)")
     clip = create_clip(ModelSpec(name, pretrained))
     if visual is not None:
         load_image_tower(clip, image_tower_state(visual), visual, name)

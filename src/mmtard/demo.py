@@ -33,7 +33,7 @@ from mmtard.config import (AttackConfig, Config, DataConfig, MethodConfig, Model
                            TrainConfig, load_config, save_config)
 from mmtard.errors import MmtardError
 from mmtard.pretrain import PretrainConfig, pretrain_clip
-from mmtard.results import write_json_atomic
+from mmtard.results import MODEL_FORWARD, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,10 @@ def run_demo(out: Path, quick: bool = False, seeds: int = 1) -> dict:
                               "another --out")
         if previous.get("plan") != _plan_dict(plan):
             raise MmtardError(f"{out} holds a demo of another size (quick={not quick}); use another --out")
-    write_json_atomic({"plan": _plan_dict(plan), "seeds": seeds}, marker)
+        if previous.get("forward", 1) != MODEL_FORWARD:
+            raise MmtardError(f"{out} holds a demo made by an older mmtard, whose models ran differently (bilinear "
+                              "resize); its stages cannot be reused. Use another --out")
+    write_json_atomic({"plan": _plan_dict(plan), "seeds": seeds, "forward": MODEL_FORWARD}, marker)
     started = time.perf_counter()
 
     _stage("1. offline world")

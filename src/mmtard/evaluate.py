@@ -39,6 +39,7 @@ from mmtard.distributed import all_gather_object, current_env, run_on_main
 from mmtard.errors import ConfigError, DataError, MmtardError
 from mmtard.eval_sets import NATIVE_SIZE_SETS, DatasetEntry
 from mmtard.results import (
+    MODEL_FORWARD,
     RESULTS_NAME,
     SCHEMA_VERSION,
     load_results,
@@ -104,7 +105,7 @@ def _new_record(
     ids = getattr(ds, "sample_ids", None)
     return {
         "row": model.row, "arch": model.arch, "weights": model.weights, "undefended": model.undefended,
-        "weights_file": _file_stamp(model.weights),
+        "weights_file": _file_stamp(model.weights), "forward": MODEL_FORWARD,
         "dataset": entry.name, "kind": entry.kind, "n_total": len(ds), "n_classes": len(entry.classnames),
         "seed": seed, "batch_size": batch_size, "attack": spec.describe(),
         "head": _digest([entry.classnames, entry.templates]),
@@ -137,9 +138,13 @@ def _open_record(path: Path, fresh: dict, data_digest: Callable[[str], str | Non
     # in another pixel space (earlier versions attacked every suite set at 224 px)
     if "image_size" not in old:  # written before image sizes were recorded: that version's size
         old = {**old, "image_size": 224 if old.get("dataset") in NATIVE_SIZE_SETS else fresh["image_size"]}
-    for key in ("arch", "weights", "weights_file", "indices", "sample_ids", "attack", "head", "seed", "image_size"):
+    old = {"forward": 1, **old}  # records written before the field: the version then
+    for key in ("arch", "weights", "weights_file", "forward", "indices", "sample_ids", "attack", "head", "seed",
+                "image_size"):
         if old.get(key) != fresh[key]:
-            hint = " (--n-samples / --imagenet-samples or --seed changed?)" if key == "indices" else ""
+            hint = {"indices": " (--n-samples / --imagenet-samples or --seed changed?)",
+                    "forward": " (written by an older mmtard, which ran OpenAI-derived weights with GELU "
+                               "and resized with bilinear)"}.get(key, "")
             stored, now = old.get(key), fresh[key]
             if isinstance(stored, dict) and isinstance(now, dict):  # name the attack settings that differ
                 changed = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
@@ -413,7 +418,7 @@ def run_eval(
     warnings_seen: list[str] = []
     for model in models:
         row = {"arch": model.arch, "weights": model.weights, "weights_file": _file_stamp(model.weights),
-               "undefended": model.undefended, "attack": spec.describe(list(eps.values())), "datasets": {}}
+               "forward": MODEL_FORWARD, "undefended": model.undefended, "attack": spec.describe(list(eps.values())), "datasets": {}}
         for entry in datasets:
             path = _sample_path(out_dir, model.row, entry.name)
             fresh = _new_record(model, entry, spec, sizes.get(entry.name), seed, batch_size)

@@ -180,6 +180,8 @@ def create_clip(spec: ModelSpec, device: str | torch.device = "cpu") -> nn.Modul
         metadata = _file_metadata(Path(pretrained))
         preprocess = _metadata_json(metadata, PREPROCESS_METADATA) or _architecture_preprocess(name)
         quick_gelu = _metadata_json(metadata, ACTIVATION_METADATA)
+        if quick_gelu is None and PREPROCESS_METADATA in metadata:
+            quick_gelu = False  # exported by mmtard before it recorded the activation: all GELU then
         model = open_clip.create_model(name, pretrained=None, device="cpu", force_preprocess_cfg=preprocess,
                                        force_quick_gelu=bool(quick_gelu))
         _check_file_activation(model, quick_gelu, name, pretrained)
@@ -341,10 +343,10 @@ class CLIPClassifier(nn.Module):
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Resize to the model's input size and normalise; differentiable, so attacks pass through.
 
-        Bicubic with antialiasing is what torchvision's ``Resize(BICUBIC)`` does to a float tensor,
-        the resize the release's CLIP_benchmark puts in front of CIFAR and STL-10 models."""
+        Bicubic without antialiasing: the resize the release's CLIP_benchmark puts in front of
+        CIFAR and STL-10 models (torchvision's ``Resize(BICUBIC, antialias=None)`` on a tensor)."""
         if tuple(x.shape[-2:]) != self.image_size:
-            x = F.interpolate(x, size=self.image_size, mode="bicubic", align_corners=False, antialias=True)
+            x = F.interpolate(x, size=self.image_size, mode="bicubic", align_corners=False, antialias=False)
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
     def image_features(self, x: torch.Tensor) -> torch.Tensor:

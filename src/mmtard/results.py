@@ -6,7 +6,7 @@ Schema (accuracies in percent; other keys may be added, these stay)::
       "schema": 1,
       "models": {
         ROW: {
-          "arch": NAME, "weights": PATH-OR-TAG-OR-null, "undefended": BOOL,
+          "arch": NAME, "weights": PATH-OR-TAG-OR-null, "undefended": BOOL, "forward": MODEL_FORWARD,
           "attack": {...},                       # the attack this row was evaluated with
           "datasets": {
             DATASET: {"n": INT, "clean": FLOAT, "robust": {"1/255": FLOAT, ...},
@@ -46,6 +46,11 @@ from mmtard.errors import DataError
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+#: How mmtard runs models, recorded in every results row, sample record and training checkpoint:
+#: 2 since OpenAI-derived weights get QuickGELU and the in-model resize is the release's bicubic.
+#: What was written without it came from version 1 (GELU, bilinear): such records are not
+#: resumed, such rows not merged with version-2 ones, and such training runs not resumed.
+MODEL_FORWARD = 2
 RESULTS_NAME = "results.json"
 KINDS = ("zeroshot", "classification")
 UNDEFENDED_NAMES = ("undefended",)
@@ -243,7 +248,7 @@ def same_evaluation(old: dict, new: dict) -> bool:
     to a row is a legitimate extension), so that their datasets may share one row."""
     def core(row: dict) -> tuple:
         attack = {k: v for k, v in row.get("attack", {}).items() if k != "eps"}
-        return row.get("arch"), row.get("weights"), json.dumps(attack, sort_keys=True)
+        return row.get("arch"), row.get("weights"), row.get("forward", 1), json.dumps(attack, sort_keys=True)
     same_file = "weights_file" not in old or old["weights_file"] == new.get("weights_file")
     return core(old) == core(new) and same_file
 

@@ -34,6 +34,7 @@ from mmtard.factory import (autocast_dtype, build_dataset, build_method, build_s
 from mmtard.lora import merged_copy
 from mmtard.metrics import MetricsWriter
 from mmtard.models import export_open_clip
+from mmtard.results import MODEL_FORWARD
 from mmtard.runs import prepare_run_dir, start_fresh, write_run_info
 from mmtard.speed import attention_kernel, check_attention_kernel
 from mmtard.teacher_cache import CleanTeacherCache, samples_digest, weights_digest
@@ -222,9 +223,14 @@ class Trainer:
             "rng": ckpt.rng_state(),
             "config": to_dict(self.config),
             "world_size": self.env.world_size,
+            "forward": MODEL_FORWARD,
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("forward", 1) != MODEL_FORWARD:
+            raise MmtardError(f"{self.resume_from} was written by an older mmtard, which ran OpenAI-derived weights "
+                              "with GELU and resized images with bilinear; resumed now, the run would change its model "
+                              "half-way. Start it again with another --out (or --force)")
         load_student_weights(self.student, state["student"], self.resume_from or "checkpoint")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -51,8 +51,11 @@ def suite_classnames(dataset: str) -> list[str] | None:
 
 
 def fingerprint_text_tower(clip: nn.Module) -> str:
-    """Hash of every weight the text embeddings depend on (all but the image tower)."""
-    digest = hashlib.sha256()
+    """Hash of everything the text embeddings depend on: every weight but the image tower's, and
+    the activation, which has no weights (a GELU and a QuickGELU tower share their state dict)."""
+    from mmtard.models import uses_quick_gelu
+
+    digest = hashlib.sha256(b"quick_gelu" if uses_quick_gelu(clip) else b"gelu")
     for key, value in sorted(clip.state_dict().items()):
         if key.startswith("visual."):
             continue
