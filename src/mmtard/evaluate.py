@@ -418,7 +418,8 @@ def run_eval(
     warnings_seen: list[str] = []
     for model in models:
         row = {"arch": model.arch, "weights": model.weights, "weights_file": _file_stamp(model.weights),
-               "forward": MODEL_FORWARD, "undefended": model.undefended, "attack": spec.describe(list(eps.values())), "datasets": {}}
+               "forward": MODEL_FORWARD, "undefended": model.undefended,
+               "attack": spec.describe(list(eps.values())), "datasets": {}}
         for entry in datasets:
             path = _sample_path(out_dir, model.row, entry.name)
             fresh = _new_record(model, entry, spec, sizes.get(entry.name), seed, batch_size)
