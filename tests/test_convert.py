@@ -103,3 +103,42 @@ def test_a_quick_gelu_base_gives_a_quick_gelu_result(tmp_path):
     loaded = create_clip(ModelSpec(TINY, str(out)))
     assert uses_quick_gelu(loaded)
     assert _same(loaded.visual.state_dict(), robust.visual.state_dict())
+
+
+def test_a_lora_image_encoder_as_the_release_saves_it_is_merged(base_and_robust, tmp_path):
+    """peft around the release's plain attention: ``base_model.model.`` keys, ``qkv``/``proj``
+    linears with ``base_layer`` and ``lora_A``/``lora_B``; merged as W + (alpha / r) B A."""
+    base, robust, base_file = base_and_robust
+    plain = robust.visual.state_dict()
+    names = {"attn.in_proj_weight": "attn.qkv.weight", "attn.in_proj_bias": "attn.qkv.bias",
+             "attn.out_proj.weight": "attn.proj.weight", "attn.out_proj.bias": "attn.proj.bias"}
+    g = torch.Generator().manual_seed(0)
+    peft_state, expected = {}, dict(plain)
+    rank, alpha = 4, 8.0
+    for key, value in plain.items():
+        ours = next((key[: -len(o)] + p for o, p in names.items() if key.endswith(o)), key)
+        if ours.endswith((".qkv.weight", ".proj.weight")):
+            layer = ours[: -len(".weight")]
+            down = torch.randn(rank, value.shape[1], generator=g)
+            up = torch.randn(value.shape[0], rank, generator=g)
+            peft_state[f"base_model.model.{layer}.base_layer.weight"] = value
+            peft_state[f"base_model.model.{layer}.lora_A.default.weight"] = down
+            peft_state[f"base_model.model.{layer}.lora_B.default.weight"] = up
+            expected[key] = value + (alpha / rank) * up @ down
+        elif ours.endswith((".qkv.bias", ".proj.bias")):
+            peft_state[f"base_model.model.{ours[: -len('.bias')]}.base_layer.bias"] = value
+        else:
+            peft_state[f"base_model.model.{key}"] = value
+    torch.save(peft_state, tmp_path / "lora_final.pt")
+    out = convert(TINY, str(base_file), tmp_path / "out.safetensors", visual=tmp_path / "lora_final.pt",
+                  lora_alpha=alpha)
+    loaded = create_clip(ModelSpec(TINY, str(out))).visual.state_dict()
+    assert sorted(loaded) == sorted(expected)
+    for key in expected:
+        torch.testing.assert_close(loaded[key], expected[key], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(loaded["transformer.resblocks.0.attn.in_proj_weight"],
+                              plain["transformer.resblocks.0.attn.in_proj_weight"])
+    del peft_state["base_model.model.transformer.resblocks.0.attn.proj.lora_B.default.weight"]
+    torch.save(peft_state, tmp_path / "cut.pt")
+    with pytest.raises(ModelError, match="LoRA layer 'transformer.resblocks.0.attn.proj' lacks its lora_B"):
+        convert(TINY, str(base_file), tmp_path / "o.safetensors", visual=tmp_path / "cut.pt")

@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the base model (tag such as openai, or a file): its text encoder and settings")
     convert.add_argument("--visual", default=None,
                          help="image-encoder state dict (.pt/.safetensors) loaded over the base's image encoder")
+    convert.add_argument("--lora-alpha", type=float, default=None,
+                         help="alpha of a LoRA image encoder, merged as W + (alpha/r) B A (default: r, the release's)")
     convert.add_argument("--out", required=True, help="the full-CLIP .safetensors file to write")
 
     world = sub.add_parser("world", help="generate the offline world (images, captions, zero-shot sets)")
@@ -135,7 +137,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if not args.out.endswith(".safetensors"):
         raise ConfigError(f"--out {args.out}: the converted model is written as safetensors; "
                           "end the name in .safetensors")
-    path = convert(args.model, args.pretrained, args.out, visual=args.visual)
+    path = convert(args.model, args.pretrained, args.out, visual=args.visual, lora_alpha=args.lora_alpha)
     print(f"wrote {path}: use it as pretrained: {path} with the architecture {args.model}")
     return 0
 
