@@ -138,6 +138,12 @@ def test_a_lora_image_encoder_as_the_release_saves_it_is_merged(base_and_robust,
         torch.testing.assert_close(loaded[key], expected[key], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(loaded["transformer.resblocks.0.attn.in_proj_weight"],
                               plain["transformer.resblocks.0.attn.in_proj_weight"])
+    with pytest.raises(ModelError, match="holds no LoRA adapters"):
+        convert(TINY, str(base_file), tmp_path / "o.safetensors", visual=tmp_path / "out.safetensors", lora_alpha=8)
+    torch.save({**peft_state, "base_model.model.transformer.resblocks.0.attn.qkv.lora_magnitude_vector.default.weight":
+                torch.ones(3)}, tmp_path / "dora.pt")
+    with pytest.raises(ModelError, match="LoRA tensors this merge does not cover"):
+        convert(TINY, str(base_file), tmp_path / "o.safetensors", visual=tmp_path / "dora.pt")
     del peft_state["base_model.model.transformer.resblocks.0.attn.proj.lora_B.default.weight"]
     torch.save(peft_state, tmp_path / "cut.pt")
     with pytest.raises(ModelError, match="LoRA layer 'transformer.resblocks.0.attn.proj' lacks its lora_B"):

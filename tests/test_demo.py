@@ -83,9 +83,13 @@ def test_a_demo_of_an_older_model_forward_is_not_reused(tmp_path, capsys):
 
     from mmtard.demo import QUICK
 
-    (tmp_path / "demo.json").write_text(json.dumps({"plan": asdict(QUICK), "seeds": 1}))  # no "forward": version 1
+    older = {k: v for k, v in asdict(QUICK).items() if k != "eval_restarts"}  # as written before the field
+    (tmp_path / "demo.json").write_text(json.dumps({"plan": older, "seeds": 1}))  # and without "forward"
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 2
     assert "made by an older mmtard" in capsys.readouterr().err
+    (tmp_path / "demo.json").write_text(json.dumps({"plan": older, "seeds": 1, "forward": 2}))
+    assert main(["demo", "--out", str(tmp_path)]) == 2
+    assert "another plan (world size quick; this one: demo)" in capsys.readouterr().err
 
 
 def test_pretraining_refuses_fewer_pairs_than_one_batch(tmp_path):

@@ -481,23 +481,6 @@ def test_eval_n_samples_leaves_the_imagenet_list_whole():
     assert _sample_sizes(args, sets) == {"imagenet": None, "cifar10": 1000}
 
 
-def test_a_record_from_before_image_sizes_were_stored(tmp_path):
-    """Earlier versions attacked every suite set at 224 px: such a cifar10 record is not resumed at
-    native size, while a record of a set whose size did not change is."""
-    from mmtard.evaluate import _open_record
-
-    for dataset, fresh_size, refused in (("cifar10", None, True), ("patterns", 32, False)):
-        fresh = _fresh_record(dataset, image_size=fresh_size)
-        legacy = {k: v for k, v in fresh.items() if k != "image_size"}
-        path = tmp_path / f"{dataset}.json"
-        path.write_text(json.dumps(legacy))
-        if refused:
-            with pytest.raises(ConfigError, match="image_size differs: stored '224', now 'None'"):
-                _open_record(path, fresh)
-        else:
-            assert _open_record(path, fresh)["image_size"] == 32
-
-
 def _fresh_record(dataset: str, **changes) -> dict:
     from mmtard.results import MODEL_FORWARD
 
@@ -516,6 +499,9 @@ def test_a_record_or_row_from_before_quick_gelu_and_bicubic_is_not_resumed_or_me
     (tmp_path / "r.json").write_text(json.dumps(legacy))
     with pytest.raises(ConfigError, match=r"forward differs: stored '1', now '2'\) \(written by an older mmtard"):
         _open_record(tmp_path / "r.json", fresh)
+    (tmp_path / "native.json").write_text(json.dumps({**fresh, "image_size": None}))  # attacked in another pixel space
+    with pytest.raises(ConfigError, match="image_size differs: stored 'None', now '32'"):
+        _open_record(tmp_path / "native.json", fresh)
     row = {"arch": TINY, "weights": None, "attack": {"name": "pgd"}}
     assert same_evaluation(row, dict(row)) and same_evaluation({**row, "forward": 1}, row)
     assert not same_evaluation(row, {**row, "forward": 2})

@@ -474,5 +474,5 @@ def test_a_checkpoint_of_an_older_model_forward_is_not_resumed(world_dir, tmp_pa
     state = ckpt.load_checkpoint(path)
     del state["forward"]  # as written before the field existed
     ckpt.atomic_save(state, path)
-    with pytest.raises(MmtardError, match="written by an older mmtard, which ran OpenAI-derived weights with GELU"):
+    with pytest.raises(MmtardError, match="written by an older mmtard, before model-forward version 2"):
         Trainer(load_config(None, overrides), tmp_path / "run", show_progress=False).train()

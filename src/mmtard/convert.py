@@ -44,6 +44,8 @@ def image_tower_state(path: str | Path, lora_alpha: float | None = None) -> dict
     state = _unwrap(read_weights_file(path), path)
     if any(_LORA_A.match(k) for k in state):
         state = merge_lora(state, lora_alpha, path)
+    elif lora_alpha is not None:
+        raise ModelError(f"--lora-alpha {lora_alpha}: {path} holds no LoRA adapters (no lora_A weights)")
     visual = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
     if visual:
         if len(visual) < len(state):
@@ -72,6 +74,10 @@ def merge_lora(state: dict[str, torch.Tensor], lora_alpha: float | None, path: s
     ``base_model.model.`` prefix and ``base_layer`` level dropped, the release's ``qkv``/``proj``
     attention renamed to open_clip's."""
     state = {k.removeprefix("base_model.model."): v for k, v in state.items()}
+    unknown = [k for k in state if ".lora_" in k and not re.search(r"\.lora_[AB]\.[^.]+\.weight$", k)]
+    if unknown:  # DoRA magnitudes, LoRA embeddings: not a plain W + (alpha/r) B A
+        raise ModelError(f"{path}: LoRA tensors this merge does not cover (first: {unknown[:3]}); only plain "
+                         "lora_A / lora_B adapters of linear layers are merged")
     merged = {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
     for key, down in state.items():
         match = _LORA_A.match(key)

@@ -6,7 +6,7 @@ Stages, each reused when the demo is re-run on the same folder:
 3. train the clean teacher (clean_ft) and the robust teacher (PMG-AFT) from the teachers' base;
 4. distil students from the students' base with every method, same attack budget and steps,
    plus the MMT-ARD ablations (METHOD.md §4);
-5. evaluate every model, clean and AutoAttack (APGD-CE + APGD-T) at two eps, on the
+5. evaluate every model, clean and AutoAttack (APGD-CE with its restarts + APGD-T) at two eps, on the
    classification split and the world's zero-shot sets; robust accuracy of mmt_ard and ard at
    intermediate checkpoints for the efficiency comparison;
 6. write results.json, report.md with figures, and print the table.
@@ -179,11 +179,15 @@ def run_demo(out: Path, quick: bool = False, seeds: int = 1) -> dict:
         if not isinstance(previous, dict):
             raise MmtardError(f"{marker} is damaged ({str(previous)[:100]}); delete it to resume this demo, or use "
                               "another --out")
-        if previous.get("plan") != _plan_dict(plan):
-            raise MmtardError(f"{out} holds a demo of another size (quick={not quick}); use another --out")
         if previous.get("forward", 1) != MODEL_FORWARD:
-            raise MmtardError(f"{out} holds a demo made by an older mmtard, whose models ran differently (bilinear "
-                              "resize); its stages cannot be reused. Use another --out")
+            raise MmtardError(f"{out} holds a demo made by an older mmtard, whose models ran differently (before "
+                              "QuickGELU for OpenAI-derived weights and the release's bicubic resize); its stages "
+                              "cannot be reused. Use another --out")
+        old_plan = previous.get("plan")
+        if old_plan != _plan_dict(plan):
+            size = old_plan.get("world_size", "unknown") if isinstance(old_plan, dict) else "unknown"
+            raise MmtardError(f"{out} holds a demo of another plan (world size {size}; this one: {plan.world_size}); "
+                              "use another --out")
     write_json_atomic({"plan": _plan_dict(plan), "seeds": seeds, "forward": MODEL_FORWARD}, marker)
     started = time.perf_counter()
 
@@ -340,7 +344,8 @@ def _demo_section(plan: DemoPlan, results: dict, students: dict[str, list[Path]]
         "These numbers compare rows **within a small generated world** (24 drawn classes, "
         f"{STUDENT_ARCH} students, {TEACHER_ARCH} teachers, all pre-trained here). They are not ImageNet results.", "",
         f"Plan: {json.dumps(_plan_dict(plan))}; seeds: {seeds}; wall time {seconds:.0f} s.", "",
-        f"Evaluation: AutoAttack APGD-CE + APGD-T ({plan.eval_iterations} iterations each, 3 target classes) "
+        f"Evaluation: AutoAttack APGD-CE ({plan.eval_restarts} restarts) + APGD-T (3 target classes), "
+        f"{plan.eval_iterations} iterations each, "
         f"at {', '.join(plan.eval_eps)}, {plan.eval_samples} samples per set.", "",
     ]
     if seeds > 1:

@@ -37,7 +37,7 @@ from mmtard.autoattack import AttackSpec, robust_flags, strict_fp32
 from mmtard.dataset_digest import dataset_digest, same_data
 from mmtard.distributed import all_gather_object, current_env, run_on_main
 from mmtard.errors import ConfigError, DataError, MmtardError
-from mmtard.eval_sets import NATIVE_SIZE_SETS, DatasetEntry
+from mmtard.eval_sets import DatasetEntry
 from mmtard.results import (
     MODEL_FORWARD,
     RESULTS_NAME,
@@ -135,16 +135,15 @@ def _open_record(path: Path, fresh: dict, data_digest: Callable[[str], str | Non
         log.warning("%s is unreadable; starting it again", path)
         return new_record()
     # sample_ids: the same positions may now hold other images; image_size: eps would be measured
-    # in another pixel space (earlier versions attacked every suite set at 224 px)
-    if "image_size" not in old:  # written before image sizes were recorded: that version's size
-        old = {**old, "image_size": 224 if old.get("dataset") in NATIVE_SIZE_SETS else fresh["image_size"]}
-    old = {"forward": 1, **old}  # records written before the field: the version then
+    # in another pixel space. Records older than the forward field (and so older than image sizes,
+    # which earlier versions did not record) are refused on "forward" before image_size is reached.
+    old = {"forward": 1, **old}
     for key in ("arch", "weights", "weights_file", "forward", "indices", "sample_ids", "attack", "head", "seed",
                 "image_size"):
         if old.get(key) != fresh[key]:
             hint = {"indices": " (--n-samples / --imagenet-samples or --seed changed?)",
-                    "forward": " (written by an older mmtard, which ran OpenAI-derived weights with GELU "
-                               "and resized with bilinear)"}.get(key, "")
+                    "forward": " (written by an older mmtard, before QuickGELU for OpenAI-derived weights "
+                               "and the release's bicubic resize)"}.get(key, "")
             stored, now = old.get(key), fresh[key]
             if isinstance(stored, dict) and isinstance(now, dict):  # name the attack settings that differ
                 changed = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))

@@ -48,8 +48,9 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 #: How mmtard runs models, recorded in every results row, sample record and training checkpoint:
 #: 2 since OpenAI-derived weights get QuickGELU and the in-model resize is the release's bicubic.
-#: What was written without it came from version 1 (GELU, bilinear): such records are not
-#: resumed, such rows not merged with version-2 ones, and such training runs not resumed.
+#: What was written without it came from an older mmtard (GELU for OpenAI weights, and a bilinear
+#: or antialiased resize): such records are not resumed, such rows not merged with version-2 ones,
+#: and such training runs not resumed.
 MODEL_FORWARD = 2
 RESULTS_NAME = "results.json"
 KINDS = ("zeroshot", "classification")
@@ -260,7 +261,8 @@ def _merge_row(merged: dict, row: str, entry: dict, attack: dict, source: str) -
     if target is not None and not same_evaluation(target, incoming):
         merged["warnings"].append(
             f"merge: row {row!r} in {source} is {incoming['arch']} / {incoming['weights']} attacked with "
-            f"{_attack_core(incoming['attack'])}, another model or attack than before; its earlier results on "
+            f"{_attack_core(incoming['attack'])} (model forward {incoming.get('forward', 1)}), another model, "
+            f"attack or mmtard model forward than before; its earlier results on "
             f"{', '.join(sorted(target['datasets'])) or 'no dataset'} are dropped, not mixed in")
         target = None
     if target is None:

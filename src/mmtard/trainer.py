@@ -228,9 +228,9 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("forward", 1) != MODEL_FORWARD:
-            raise MmtardError(f"{self.resume_from} was written by an older mmtard, which ran OpenAI-derived weights "
-                              "with GELU and resized images with bilinear; resumed now, the run would change its model "
-                              "half-way. Start it again with another --out (or --force)")
+            raise MmtardError(f"{self.resume_from} was written by an older mmtard, before model-forward version 2 "
+                              "(QuickGELU for OpenAI-derived weights, the release's bicubic resize); resumed now, the "
+                              "run would change its model half-way. Start it again with another --out (or --force)")
         load_student_weights(self.student, state["student"], self.resume_from or "checkpoint")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
