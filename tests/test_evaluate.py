@@ -471,6 +471,60 @@ def test_suite_entry_takes_names_and_templates_in_the_head_form(tmp_path):
     assert entry.templates and all(t.count("{}") == 1 and "{c}" not in t for t in entry.templates)
 
 
+def _benchmark_shards(root, n_per_shard=(5, 5, 2), size=32, templates=True):
+    """A clip-benchmark webdataset download: classnames.txt, templates, test/{0..}.tar (png + cls)."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    (root / "test").mkdir(parents=True)
+    (root / "classnames.txt").write_text("airplane\nautomobile\nbird\n")
+    if templates:
+        (root / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\na blurry photo of a {c}.\n")
+    g = torch.Generator().manual_seed(0)
+    i = 0
+    for shard, count in enumerate(n_per_shard):
+        with tarfile.open(root / "test" / f"{shard}.tar", "w") as tar:
+            for _ in range(count):
+                pixels = (torch.rand(size, size, 3, generator=g) * 255).byte().numpy()
+                png = io.BytesIO()
+                Image.fromarray(pixels).save(png, format="PNG")
+                for suffix, data in ((".png", png.getvalue()), (".cls", str(i % 3).encode())):
+                    info = tarfile.TarInfo(f"s{i:05d}{suffix}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                i += 1
+    return root
+
+
+def test_clip_benchmark_webdataset_sets_are_read_as_the_release_did(tmp_path, capsys):
+    """The release evaluated the suite from clip-benchmark's wds downloads: their class names and
+    templates come with them, their shards are read by index (so records and resume work)."""
+    from mmtard.cli import main
+
+    _benchmark_shards(tmp_path / "wds" / "cifar10")
+    _benchmark_shards(tmp_path / "wds" / "eurosat", n_per_shard=(4,), size=40, templates=False)
+    cifar, eurosat = suite_datasets(["cifar10", "eurosat"], tmp_path / "wds")
+    assert cifar.classnames == ["airplane", "automobile", "bird"]
+    assert cifar.templates == ["a photo of a {}.", "a blurry photo of a {}."]
+    assert len(cifar.dataset) == 12 and cifar.dataset[11][0].shape == (3, 32, 32)  # native size, shard 2 last
+    assert [cifar.dataset[i][1] for i in range(12)] == [i % 3 for i in range(12)]
+    assert eurosat.dataset[0][0].shape == (3, 224, 224) and eurosat.templates  # clip-benchmark's own templates
+    out = tmp_path / "eval"
+    args = ["-q", "eval", "--model", TINY, "--dataset", f"cifar10={tmp_path}/wds", "--eps", "1/255",
+            "--attack", "pgd", "--iterations", "1", "--out", str(out)]
+    assert main(args) == 0
+    first = json.loads((out / "results.json").read_text())["models"][TINY]["datasets"]["cifar10"]
+    assert first["n"] == 12 and first["n_classes"] == 3
+    assert main(args) == 0  # resumed from its records
+    assert json.loads((out / "results.json").read_text())["models"][TINY]["datasets"]["cifar10"] == first
+    bad = _benchmark_shards(tmp_path / "bad" / "cifar10")
+    (bad / "zeroshot_classification_templates.txt").write_text("a photo\n")
+    with pytest.raises(DataError, match="every template needs the class slot"):
+        suite_datasets(["cifar10"], tmp_path / "bad")
+
+
 def test_eval_n_samples_leaves_the_imagenet_list_whole():
     from types import SimpleNamespace
 

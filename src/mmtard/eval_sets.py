@@ -125,15 +125,22 @@ def suite_datasets(names: Sequence[str], root: str | Path, image_size: int | Non
 
     ``root`` is either a template holding ``{name}`` (as clip-benchmark's ``--dataset_root``) or a
     folder holding one sub-folder per dataset name. ``image_size="auto"``: native size where a set
-    has one (:data:`NATIVE_SIZE_SETS`), 224 elsewhere (:func:`suite_image_size`).
+    has one (:data:`NATIVE_SIZE_SETS`), 224 elsewhere (:func:`suite_image_size`). A set's folder
+    may also be clip-benchmark's webdataset download (``classnames.txt`` and ``test/*.tar``, as the
+    release used): its own class names and templates then come with it.
     """
     from mmtard.data import build_zeroshot_dataset
+    from mmtard.data.benchmark_shards import benchmark_shard_set, is_benchmark_shard_folder
     from mmtard.zeroshot import suite_classnames
 
     out = []
     for name in names:
         where = _suite_root(root, name)
         size = suite_image_size(name) if image_size == "auto" else image_size
+        if is_benchmark_shard_folder(where):
+            ds, classnames, templates = benchmark_shard_set(name, where, size)
+            out.append(DatasetEntry(name, ds, classnames, templates))
+            continue
         ds = build_zeroshot_dataset(name, where, image_size=size)
         classnames = suite_classnames(name) or list(ds.classnames)
         out.append(DatasetEntry(name, ds, classnames, list(ds.templates)))
