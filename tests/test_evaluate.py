@@ -471,7 +471,7 @@ def test_suite_entry_takes_names_and_templates_in_the_head_form(tmp_path):
     assert entry.templates and all(t.count("{}") == 1 and "{c}" not in t for t in entry.templates)
 
 
-def _benchmark_shards(root, n_per_shard=(5, 5, 2), size=32, templates=True):
+def _benchmark_shards(root, n_per_shard=(5, 5, 2), size=32, templates=True, fmt="png"):
     """A clip-benchmark webdataset download: classnames.txt, templates, test/{0..}.tar (png + cls)."""
     import io
     import tarfile
@@ -488,9 +488,9 @@ def _benchmark_shards(root, n_per_shard=(5, 5, 2), size=32, templates=True):
         with tarfile.open(root / "test" / f"{shard}.tar", "w") as tar:
             for _ in range(count):
                 pixels = (torch.rand(size, size, 3, generator=g) * 255).byte().numpy()
-                png = io.BytesIO()
-                Image.fromarray(pixels).save(png, format="PNG")
-                for suffix, data in ((".png", png.getvalue()), (".cls", str(i % 3).encode())):
+                encoded = io.BytesIO()
+                Image.fromarray(pixels).save(encoded, format=fmt.upper())
+                for suffix, data in ((f".{fmt}", encoded.getvalue()), (".cls", str(i % 3).encode())):
                     info = tarfile.TarInfo(f"s{i:05d}{suffix}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
@@ -504,7 +504,7 @@ def test_clip_benchmark_webdataset_sets_are_read_as_the_release_did(tmp_path, ca
     from mmtard.cli import main
 
     _benchmark_shards(tmp_path / "wds" / "cifar10")
-    _benchmark_shards(tmp_path / "wds" / "eurosat", n_per_shard=(4,), size=40, templates=False)
+    _benchmark_shards(tmp_path / "wds" / "eurosat", n_per_shard=(4,), size=40, templates=False, fmt="webp")
     cifar, eurosat = suite_datasets(["cifar10", "eurosat"], tmp_path / "wds")
     assert cifar.classnames == ["airplane", "automobile", "bird"]
     assert cifar.templates == ["a photo of a {}.", "a blurry photo of a {}."]
@@ -523,6 +523,11 @@ def test_clip_benchmark_webdataset_sets_are_read_as_the_release_did(tmp_path, ca
     (bad / "zeroshot_classification_templates.txt").write_text("a photo\n")
     with pytest.raises(DataError, match="every template needs the class slot"):
         suite_datasets(["cifar10"], tmp_path / "bad")
+    (tmp_path / "wds" / "cifar10" / "test" / "nshards.txt").write_text("2\n")  # clip-benchmark reads 0..1 only
+    assert len(suite_datasets(["cifar10"], tmp_path / "wds")[0].dataset) == 10
+    (tmp_path / "wds" / "cifar10" / "test" / "nshards.txt").write_text("4\n")
+    with pytest.raises(DataError, match="says 4 shards, but 3.tar is missing"):
+        suite_datasets(["cifar10"], tmp_path / "wds")
 
 
 def test_eval_n_samples_leaves_the_imagenet_list_whole():

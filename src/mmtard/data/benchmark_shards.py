@@ -4,7 +4,8 @@ The release evaluated the suite from these shards (``wds/vtab/eurosat`` and the 
 on the Hugging Face hub under ``clip-benchmark/wds_*``), whose splits differ from torchvision's
 for some sets. A downloaded one is a folder holding ``classnames.txt`` (one name per label),
 usually ``zeroshot_classification_templates.txt`` (one template per line, class slot ``{c}``) and
-``<split>/*.tar`` shards of samples with an image and a ``.cls`` label. It is read here by random
+``<split>/{0..n-1}.tar`` shards (``<split>/nshards.txt`` says n) of samples with an image
+(webp, png or jpg) and a ``.cls`` label. It is read here by random
 access (:class:`mmtard.data.shard_index.IndexedShardDataset`), so evaluation records, subsets and
 resume work as with folders.
 """
@@ -45,7 +46,17 @@ def benchmark_shard_set(name: str, root: str | Path, image_size: int | None,
                         split: str = "test") -> tuple[IndexedShardDataset, list[str], list[str]]:
     """The dataset, class names and templates of one clip-benchmark webdataset set."""
     root = Path(root)
-    shards = sorted((root / split).glob("*.tar"), key=_shard_order)
+    count_file = root / split / "nshards.txt"
+    if count_file.is_file():  # clip-benchmark reads exactly {0..n-1}.tar
+        text = count_file.read_text(encoding="utf-8", errors="replace").strip()
+        if not text.isdigit():
+            raise DataError(f"{count_file}: expected the number of shards, found {text[:40]!r}")
+        shards = [root / split / f"{i}.tar" for i in range(int(text))]
+        missing = [s.name for s in shards if not s.is_file()]
+        if missing:
+            raise DataError(f"{count_file} says {len(shards)} shards, but {missing[0]} is missing from {root / split}")
+    else:
+        shards = sorted((root / split).glob("*.tar"), key=_shard_order)
     if not shards:
         raise DataError(f"Zero-shot dataset {name!r}: no {split}/*.tar shards in {root}")
     classnames = _lines(root / CLASSNAMES_FILE)
