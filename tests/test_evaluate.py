@@ -511,6 +511,7 @@ def test_clip_benchmark_webdataset_sets_are_read_as_the_release_did(tmp_path, ca
     assert len(cifar.dataset) == 12 and cifar.dataset[11][0].shape == (3, 32, 32)  # native size, shard 2 last
     assert [cifar.dataset[i][1] for i in range(12)] == [i % 3 for i in range(12)]
     assert eurosat.dataset[0][0].shape == (3, 224, 224) and eurosat.templates  # clip-benchmark's own templates
+    assert cifar.dataset.image_size is None and eurosat.dataset.image_size == 224
     out = tmp_path / "eval"
     args = ["-q", "eval", "--model", TINY, "--dataset", f"cifar10={tmp_path}/wds", "--eps", "1/255",
             "--attack", "pgd", "--iterations", "1", "--out", str(out)]
@@ -521,7 +522,13 @@ def test_clip_benchmark_webdataset_sets_are_read_as_the_release_did(tmp_path, ca
     assert json.loads((out / "results.json").read_text())["models"][TINY]["datasets"]["cifar10"] == first
     bad = _benchmark_shards(tmp_path / "bad" / "cifar10")
     (bad / "zeroshot_classification_templates.txt").write_text("a photo\n")
-    with pytest.raises(DataError, match="every template needs the class slot"):
+    with pytest.raises(DataError, match="lacks the class slot"):
+        suite_datasets(["cifar10"], tmp_path / "bad")
+    (bad / "classnames.txt").write_text("airplane\n\nbird\n")  # clip-benchmark would shift labels past the blank
+    with pytest.raises(DataError, match="an empty class name .line 2."):
+        suite_datasets(["cifar10"], tmp_path / "bad")
+    (bad / "classnames.txt").unlink()
+    with pytest.raises(DataError, match="holds clip-benchmark shards but no classnames.txt"):
         suite_datasets(["cifar10"], tmp_path / "bad")
     (tmp_path / "wds" / "cifar10" / "test" / "nshards.txt").write_text("2\n")  # clip-benchmark reads 0..1 only
     assert len(suite_datasets(["cifar10"], tmp_path / "wds")[0].dataset) == 10
