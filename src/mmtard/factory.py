@@ -82,22 +82,10 @@ def build_dataset(data: DataConfig):
 
 
 def read_classnames_file(path: str) -> list[str]:
-    """``data.classnames``: one class name per line, in label order. Blank lines may only end the
-    file: one in the middle would shift every later label onto the wrong name."""
-    try:
-        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
-    except OSError as exc:
-        raise ConfigError(f"data.classnames: cannot read {path}: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"data.classnames: {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    while lines and not lines[-1]:
-        lines.pop()
-    if not lines:
-        raise ConfigError(f"data.classnames: {path} holds no class name (one per line expected)")
-    if "" in lines:
-        raise ConfigError(f"data.classnames: {path} line {lines.index('') + 1} is blank; every label from 0 "
-                          "up needs a name, one per line")
-    return lines
+    """``data.classnames``: one class name per line, in label order (:func:`mmtard.data.base.read_classnames`)."""
+    from mmtard.data.base import read_classnames
+
+    return read_classnames(path, ConfigError, "data.classnames: ")
 
 
 def build_classifier(model_cfg: ModelConfig, classnames: list[str], templates: list[str],

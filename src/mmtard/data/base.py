@@ -43,6 +43,26 @@ def check_classnames(expected: Sequence[str], actual: Sequence[str], where: str)
         )
 
 
+def read_classnames(path: str | Path, error: type[Exception] = DataError, key: str = "") -> list[str]:
+    """A class-names file: one name per line, line i naming label i. Blank lines may only end the
+    file: one in the middle would shift every later label onto the wrong name. ``error`` and
+    ``key`` (e.g. ``ConfigError`` and ``"data.classnames: "``) say where the file was named."""
+    try:
+        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    except OSError as exc:
+        raise error(f"{key}cannot read {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise error(f"{key}{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines:
+        raise error(f"{key}{path} holds no class name (one per line expected)")
+    if "" in lines:
+        raise error(f"{key}{path} line {lines.index('') + 1} is blank; every label from 0 up needs a name, "
+                    "one per line")
+    return lines
+
+
 def subsample_indices(n_total: int, n: int, seed: int) -> list[int]:
     """A sorted, seeded choice of ``n`` distinct indices out of ``range(n_total)``.
 

@@ -17,6 +17,7 @@ import logging
 import re
 from pathlib import Path
 
+from mmtard.data.base import read_classnames
 from mmtard.data.shard_index import IndexedShardDataset
 from mmtard.data.zeroshot_suite import template_slot, zeroshot_templates
 from mmtard.errors import DataError
@@ -64,13 +65,7 @@ def _classnames(root: Path) -> list[str]:
     path = root / CLASSNAMES_FILE
     if not path.is_file():
         raise DataError(f"{root} holds clip-benchmark shards but no {CLASSNAMES_FILE} (one class name per label)")
-    names = [line.strip() for line in _text(path).splitlines()]  # as clip-benchmark: line i is label i
-    if not names:
-        raise DataError(f"{path} holds no class name")
-    if "" in names:
-        raise DataError(f"{path}: an empty class name (line {names.index('') + 1}); line i names label i, so a "
-                        "blank line would shift every later class")
-    return names
+    return read_classnames(path)  # as clip-benchmark: line i is label i
 
 
 def _templates(name: str, root: Path) -> list[str]:
