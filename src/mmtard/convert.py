@@ -19,10 +19,10 @@ import re
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from mmtard.errors import ModelError
-from mmtard.models import ModelSpec, create_clip, export_open_clip, read_weights_file, strip_module_prefix
+from mmtard.models import (ModelSpec, create_clip, export_open_clip, load_state_checked, read_weights_file,
+                           strip_module_prefix)
 
 log = logging.getLogger(__name__)
 
@@ -99,23 +99,6 @@ def merge_lora(state: dict[str, torch.Tensor], lora_alpha: float | None, path: s
     return renamed
 
 
-def load_image_tower(clip: nn.Module, state: dict[str, torch.Tensor], path: str | Path, name: str) -> None:
-    """Load an image encoder into ``clip.visual``, naming the file and the first mismatches."""
-    own = clip.visual.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise ModelError(
-            f"{path} is not an image encoder of '{name}': {len(missing)} missing keys (first: {missing[:3]}), "
-            f"{len(unexpected)} unexpected keys (first: {unexpected[:3]})"
-        )
-    for key, value in state.items():
-        if own[key].shape != value.shape:
-            raise ModelError(f"{path} is not an image encoder of '{name}': tensor '{key}' has shape "
-                             f"{tuple(value.shape)} in the file but {tuple(own[key].shape)} in the model")
-    clip.visual.load_state_dict(state, strict=True)
-
-
 def convert(name: str, pretrained: str | None, out: str | Path, visual: str | Path | None = None,
             lora_alpha: float | None = None) -> Path:
     """Write ``out``: the CLIP ``name``/``pretrained``, its image encoder replaced by ``visual``'s."""
@@ -124,5 +107,6 @@ def convert(name: str, pretrained: str | None, out: str | Path, visual: str | Pa
                          "weights the image encoder was trained from (e.g. --pretrained openai, or a file)")
     clip = create_clip(ModelSpec(name, pretrained))
     if visual is not None:
-        load_image_tower(clip, image_tower_state(visual, lora_alpha), visual, name)
+        load_state_checked(clip.visual, image_tower_state(visual, lora_alpha), visual,
+                           f"is not an image encoder of '{name}'")
     return export_open_clip(clip, out)

@@ -147,23 +147,24 @@ def read_weights_file(path: str | Path) -> object:
     return state
 
 
-def _load_state_into(model: nn.Module, state: dict[str, torch.Tensor], path: str, name: str) -> None:
-    """Load a full-CLIP state dict, naming file and shapes on any architecture mismatch."""
-    own = model.state_dict()
+def load_state_checked(module: nn.Module, state: dict[str, torch.Tensor], path: str | Path, mismatch: str) -> None:
+    """Load a state dict strictly, naming the file, the first mismatched keys or shapes, and
+    ``mismatch`` (what the file then is not, e.g. "does not match architecture 'ViT-B-32'")."""
+    own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     for key, value in state.items():
         if key in own and own[key].shape != value.shape:
             raise ModelError(
-                f"{path} does not match architecture '{name}': tensor '{key}' has shape "
+                f"{path} {mismatch}: tensor '{key}' has shape "
                 f"{tuple(value.shape)} in the file but {tuple(own[key].shape)} in the model"
             )
     if missing or unexpected:
         raise ModelError(
-            f"{path} does not match architecture '{name}': {len(missing)} missing keys "
+            f"{path} {mismatch}: {len(missing)} missing keys "
             f"(first: {missing[:3]}), {len(unexpected)} unexpected keys (first: {unexpected[:3]})"
         )
-    model.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=True)
 
 
 def create_clip(spec: ModelSpec, device: str | torch.device = "cpu") -> nn.Module:
@@ -185,7 +186,7 @@ def create_clip(spec: ModelSpec, device: str | torch.device = "cpu") -> nn.Modul
         model = open_clip.create_model(name, pretrained=None, device="cpu", force_preprocess_cfg=preprocess,
                                        force_quick_gelu=bool(quick_gelu))
         _check_file_activation(model, quick_gelu, name, pretrained)
-        _load_state_into(model, load_weights_file(pretrained), pretrained, name)
+        load_state_checked(model, load_weights_file(pretrained), pretrained, f"does not match architecture '{name}'")
     elif pretrained or name.startswith("hf-hub:"):
         if pretrained and pretrained not in open_clip.list_pretrained_tags_by_model(name):
             tags = open_clip.list_pretrained_tags_by_model(name)
