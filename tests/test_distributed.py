@@ -273,3 +273,51 @@ def test_ranks_that_list_different_data_are_refused(world_dir, tmp_path):
     assert "the ranks see different training data" in run.stderr and "rank 1: 239 samples" in run.stderr, \
         run.stderr[-3000:]
     assert not list_checkpoints(tmp_path / "run")
+
+
+# Rank 0's disk fills while it writes the step-2 checkpoint.
+_DISK_FULL_ON_RANK_0 = """
+import errno, os, sys
+import torch
+from mmtard import checkpoint
+from mmtard.cli import main
+
+save = checkpoint.save_checkpoint
+
+def disk_full_at_step_2(run_dir, step, state, **kwargs):
+    if step == 2 and os.environ["RANK"] == "0":
+        def no_space(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        torch.save = no_space
+    return save(run_dir, step, state, **kwargs)
+
+checkpoint.save_checkpoint = disk_full_at_step_2
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_failed_checkpoint_write_on_rank_0_stops_every_rank_at_once(world_dir, tmp_path):
+    """Launched without torchrun's agent (as a cluster launcher that sets RANK and WORLD_SIZE
+    itself): no one stops rank 1 when rank 0 fails, so rank 1 must learn rank 0's reason from rank
+    0. Before, it blamed a lost peer: at once over gloo, which sees rank 0's socket close, and only
+    after the process-group timeout over NCCL."""
+    import socket
+
+    script = tmp_path / "full.py"
+    script.write_text(_DISK_FULL_ON_RANK_0)
+    (tmp_path / "c.yaml").write_text("student: {name: mmtard-tiny-vit}\n")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base = {**os.environ, "OMP_NUM_THREADS": "1", "MMTARD_DIST_TIMEOUT": "120", "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    command = [sys.executable, str(script), "-q", "distill", "--config", str(tmp_path / "c.yaml"),
+               "--out", str(tmp_path / "run"), *tiny_overrides(world_dir, steps=STEPS)]
+    ranks = [subprocess.Popen(command, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
+             for r in range(2)]
+    outputs = [rank.communicate(timeout=100) for rank in ranks]  # the 120 s timeout must not be needed
+    for rank, (_, err) in zip(ranks, outputs):
+        assert rank.returncode == 2, err[-3000:]
+        assert "step_00000002.pt: No space left on device; any previous file there is intact" in err, err[-3000:]
+    assert [step for step, _ in list_checkpoints(tmp_path / "run")] == [1]

@@ -417,22 +417,27 @@ class Trainer:
 
     def _save_checkpoint(self) -> None:
         streams = all_gather_object(ckpt.rng_state()) if self.env.enabled else None
-        if self.env.is_main:
-            state = self.state_dict()
-            if streams is not None:
-                state["rng_ranks"] = streams
-            ckpt.save_checkpoint(self.run_dir, self.step, state, keep=self.config.train.keep_checkpoints)
+        # rank 0 writes; a refusal there (a full disk) stops every rank at once with its message,
+        # where a barrier would leave the others waiting out the process-group timeout
+        run_on_main(self._write_checkpoint, streams)
         if self.method.clean_cache is not None:
             self.method.clean_cache.flush()
         barrier()
 
+    def _write_checkpoint(self, streams: list | None) -> None:
+        state = self.state_dict()
+        if streams is not None:
+            state["rng_ranks"] = streams
+        ckpt.save_checkpoint(self.run_dir, self.step, state, keep=self.config.train.keep_checkpoints)
+
     def _export(self) -> Path:
         path = self.run_dir / STUDENT_FILE
-        if self.env.is_main:
-            export_open_clip(merged_copy(self.student.clip), path)
-            log.info("student written to %s", path)
-        barrier()
+        run_on_main(self._write_student, path)
         return path
+
+    def _write_student(self, path: Path) -> None:
+        export_open_clip(merged_copy(self.student.clip), path)
+        log.info("student written to %s", path)
 
 
 def train(config: Config, run_dir: str | Path, force: bool = False, show_progress: bool = True) -> Path:
