@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import pytest
 import torch
@@ -394,6 +395,34 @@ def test_a_fresh_start_drops_the_cache_a_run_killed_before_its_first_checkpoint_
         checkpoint.unlink()
     trainer = Trainer(load_config(None, tiny_overrides(world_dir, steps=2)), run, show_progress=False)
     assert trainer.resume_from is None and not any(cache.glob("teacher*"))
+
+
+def test_a_run_killed_while_it_sets_up_leaves_a_folder_the_same_command_takes_up(world_dir, tmp_path, monkeypatch):
+    """Building a Trainer writes into DIR (the clean-teacher cache) before its first step; a kill
+    then, or while --force clears an old run, must leave DIR marked as a run folder, not a folder
+    of unknown files that every later command refuses."""
+    from mmtard import runs
+
+    overrides = tiny_overrides(world_dir, steps=1, **{"attack.steps": 0})
+    run = tmp_path / "run"
+    Trainer(load_config(None, overrides), run, show_progress=False)  # killed before train()
+    assert (run / "cache" / "clean_teacher").is_dir() and (run / "config.yaml").is_file()
+    Trainer(load_config(None, overrides), run, show_progress=False).train()
+    assert (run / "student.safetensors").is_file()
+
+    def killed_while_clearing(path, *args, **kwargs):
+        if Path(path).name == "run.json":
+            raise KeyboardInterrupt
+        return unlink(path, *args, **kwargs)
+
+    unlink = Path.unlink
+    monkeypatch.setattr(Path, "unlink", killed_while_clearing)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(load_config(None, overrides), run, force=True, show_progress=False)
+    monkeypatch.undo()
+    assert not (run / "checkpoints").exists() and (run / "config.yaml").is_file()
+    Trainer(load_config(None, overrides), run, show_progress=False).train()
+    assert (run / "student.safetensors").is_file()
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])

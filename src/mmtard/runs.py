@@ -1,6 +1,6 @@
 """Run folders: what makes DIR resumable, finished, or someone else's.
 
-A run folder holds ``config.yaml``, ``run.json`` (versions, git commit, batch plan), ``metrics.csv``,
+A run folder holds ``config.yaml`` (written first of all, so that anything a kill leaves marks it as a run), ``run.json`` (versions, git commit, batch plan), ``metrics.csv``,
 ``tensorboard/``, ``checkpoints/`` and, once finished, ``student.safetensors``.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from mmtard.checkpoint import atomic_write_text, latest_checkpoint
-from mmtard.config import Config, from_dict, to_dict
+from mmtard.config import Config, from_dict, save_config, to_dict
 from mmtard.errors import ConfigError, MmtardError
 
 log = logging.getLogger(__name__)
@@ -72,12 +72,22 @@ def prepare_run_dir(run_dir: Path, config: Config, force: bool, is_main: bool = 
     if is_main:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            probe = run_dir / ".write-test"
-            probe.write_text("")
-            probe.unlink()
         except OSError as exc:
             raise MmtardError(f"cannot write to output folder {run_dir}: {exc.strerror or exc}") from exc
+        if saved.exists():  # an earlier run's config stays until start_fresh: a bad new config deletes nothing
+            _probe_writable(run_dir)
+        else:  # first of all, so that whatever a kill leaves behind is in a folder marked as a run
+            save_config(config, saved)
     return None
+
+
+def _probe_writable(run_dir: Path) -> None:
+    probe = run_dir / ".write-test"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise MmtardError(f"cannot write to output folder {run_dir}: {exc.strerror or exc}") from exc
 
 
 def _check_same_config(run_dir: Path, config: Config, is_main: bool) -> None:
@@ -116,20 +126,22 @@ def _check_same_config(run_dir: Path, config: Config, is_main: bool) -> None:
                     run_dir, before, config.train.steps)
 
 
-def start_fresh(run_dir: Path, force: bool) -> None:
+def start_fresh(run_dir: Path, config: Config, force: bool) -> None:
     """Before a run that does not resume: with ``force`` clear DIR's earlier run; without, drop what
     a run killed before its first checkpoint left that the new run would read as its own (the
     clean-teacher cache, keyed by sample, not by teacher or config). Called once the new run's
-    config has built its models and data, so that a bad config deletes nothing."""
+    config has built its models and data, so that a bad config deletes nothing. The new config
+    replaces the old one in place, never after a gap: a kill at any point leaves DIR a run folder
+    that the same command takes up again."""
     import shutil
 
-    if not force:
-        shutil.rmtree(run_dir / "cache", ignore_errors=True)
-        return
-    for name in ("checkpoints", "tensorboard", "cache"):
-        shutil.rmtree(run_dir / name, ignore_errors=True)
-    for name in (FINISHED_MARKER, "metrics.csv", "config.yaml", "run.json"):
-        (run_dir / name).unlink(missing_ok=True)
+    if force:
+        for name in ("checkpoints", "tensorboard"):
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+        for name in (FINISHED_MARKER, "metrics.csv", "run.json"):
+            (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "cache", ignore_errors=True)
+    save_config(config, run_dir / "config.yaml")
 
 
 def git_commit() -> str | None:

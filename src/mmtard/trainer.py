@@ -164,7 +164,7 @@ class Trainer:
         self.method = build_method(config, self.student, teachers, reference, self.amp)
         torch.manual_seed(config.train.seed + self.env.rank)
         if self.resume_from is None:  # only now: a config that fails to build deletes nothing
-            run_on_main(start_fresh, self.run_dir, force)
+            run_on_main(start_fresh, self.run_dir, config, force)
         if config.train.clean_teacher_cache and not config.data.augment and teachers:
             weights = [weights_digest(t.name, t.pretrained) for t in config.teachers]
             self.method.clean_cache = CleanTeacherCache(self.run_dir / "cache" / "clean_teacher",
