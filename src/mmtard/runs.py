@@ -1,6 +1,7 @@
 """Run folders: what makes DIR resumable, finished, or someone else's.
 
-A run folder holds ``config.yaml`` (written first of all, so that anything a kill leaves marks it as a run), ``run.json`` (versions, git commit, batch plan), ``metrics.csv``,
+A run folder holds ``config.yaml`` (written first of all, so that whatever a kill leaves is in a
+folder marked as a run), ``run.json`` (versions, git commit, batch plan), ``metrics.csv``,
 ``tensorboard/``, ``checkpoints/`` and, once finished, ``student.safetensors``.
 """
 
