@@ -397,6 +397,23 @@ def test_a_fresh_start_drops_the_cache_a_run_killed_before_its_first_checkpoint_
     assert trainer.resume_from is None and not any(cache.glob("teacher*"))
 
 
+def test_resuming_over_changed_training_data_is_refused(world_dir, tmp_path, monkeypatch):
+    """A checkpoint's data position counts into one listing of the samples; over another (an image
+    removed between the sessions) it would silently train on other images."""
+    import shutil
+
+    from mmtard.errors import DataError
+
+    world = tmp_path / "world"
+    shutil.copytree(world_dir, world)
+    overrides = tiny_overrides(world, steps=2, **{"attack.steps": 0})
+    _interrupt_after(overrides, tmp_path / "run", 1, monkeypatch)
+    sorted((world / "classification" / "train").rglob("*.png"))[0].unlink()
+    with pytest.raises(DataError, match=r"changed since .*step_00000001.pt was written \(240 samples, listing \w+ "
+                                        r"then; 239, \w+ now\)"):
+        Trainer(load_config(None, overrides), tmp_path / "run", show_progress=False).train()
+
+
 def test_a_run_killed_while_it_sets_up_leaves_a_folder_the_same_command_takes_up(world_dir, tmp_path, monkeypatch):
     """Building a Trainer writes into DIR (the clean-teacher cache) before its first step; a kill
     then, or while --force clears an old run, must leave DIR marked as a run folder, not a folder

@@ -154,6 +154,8 @@ class Trainer:
         torch.manual_seed(config.train.seed)
 
         self.dataset = build_dataset(config.data)
+        # what the data position of a checkpoint means: resumed over other samples, it would not
+        self.data_listing = {"samples": len(self.dataset), "digest": samples_digest(self.dataset.sample_ids)}
         self._check_same_dataset_on_every_rank()
         if len(self.dataset) < config.train.global_batch:  # an epoch is made of whole global batches
             raise ConfigError(f"train.global_batch: {config.train.global_batch} is more than the dataset's "
@@ -189,9 +191,10 @@ class Trainer:
         another copy of the data on another node) would train on other images at each index."""
         if not self.env.enabled:
             return
-        listings = all_gather_object((len(self.dataset), samples_digest(self.dataset.sample_ids)))
+        listings = all_gather_object(self.data_listing)
         if any(listing != listings[0] for listing in listings):
-            counts = ", ".join(f"rank {r}: {n} samples ({digest})" for r, (n, digest) in enumerate(listings))
+            counts = ", ".join(f"rank {r}: {listing['samples']} samples ({listing['digest']})"
+                               for r, listing in enumerate(listings))
             raise DataError(f"the ranks see different training data under {self.config.data.root} ({counts}); "
                             "every rank must read the same files")
 
@@ -224,6 +227,7 @@ class Trainer:
             "config": to_dict(self.config),
             "world_size": self.env.world_size,
             "forward": MODEL_FORWARD,
+            "data": self.data_listing,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -231,6 +235,13 @@ class Trainer:
             raise MmtardError(f"{self.resume_from} was written by an older mmtard, before model-forward version 2 "
                               "(QuickGELU for OpenAI-derived weights, the release's bicubic resize); resumed now, the "
                               "run would change its model half-way. Start it again with another --out (or --force)")
+        saved_data = state.get("data", self.data_listing)  # checkpoints of earlier versions lack it
+        if saved_data != self.data_listing:
+            raise DataError(f"the training data under {self.config.data.root} changed since {self.resume_from} was "
+                            f"written ({saved_data['samples']} samples, listing {saved_data['digest']} then; "
+                            f"{self.data_listing['samples']}, {self.data_listing['digest']} now): its data position "
+                            "would point at other images. Restore the data, or start again with another --out "
+                            "(or --force)")
         load_student_weights(self.student, state["student"], self.resume_from or "checkpoint")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
