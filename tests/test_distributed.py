@@ -275,28 +275,36 @@ def test_ranks_that_list_different_data_are_refused(world_dir, tmp_path):
     assert not list_checkpoints(tmp_path / "run")
 
 
-# Rank 0's disk fills while it writes the step-2 checkpoint.
+
+# Rank 0's disk fills while it writes the step-2 checkpoint (distill) or the evaluation record after
+# the first round of batches (eval); the error is the one a real full disk gives.
 _DISK_FULL_ON_RANK_0 = """
 import errno, os, sys
-import torch
-from mmtard import checkpoint
+from mmtard import checkpoint, evaluate
 from mmtard.cli import main
 
-save = checkpoint.save_checkpoint
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+save, write_record = checkpoint.save_checkpoint, evaluate.write_json_atomic
 
 def disk_full_at_step_2(run_dir, step, state, **kwargs):
     if step == 2 and os.environ["RANK"] == "0":
-        def no_space(*args, **kwargs):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        torch.save = no_space
+        checkpoint.durable_replace = no_space
     return save(run_dir, step, state, **kwargs)
 
-checkpoint.save_checkpoint = disk_full_at_step_2
+def disk_full_after_a_round(record, path):
+    if os.environ["RANK"] == "0" and any(v is not None for v in record.get("clean", [])):
+        checkpoint.durable_replace = no_space
+    return write_record(record, path)
+
+checkpoint.save_checkpoint, evaluate.write_json_atomic = disk_full_at_step_2, disk_full_after_a_round
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_a_failed_checkpoint_write_on_rank_0_stops_every_rank_at_once(world_dir, tmp_path):
+@pytest.mark.parametrize("command", ["distill", "eval"])
+def test_a_failed_write_on_rank_0_stops_every_rank_with_its_reason(command, world_dir, tmp_path):
     """Launched without torchrun's agent (as a cluster launcher that sets RANK and WORLD_SIZE
     itself): no one stops rank 1 when rank 0 fails, so rank 1 must learn rank 0's reason from rank
     0. Before, it blamed a lost peer: at once over gloo, which sees rank 0's socket close, and only
@@ -305,19 +313,26 @@ def test_a_failed_checkpoint_write_on_rank_0_stops_every_rank_at_once(world_dir,
 
     script = tmp_path / "full.py"
     script.write_text(_DISK_FULL_ON_RANK_0)
-    (tmp_path / "c.yaml").write_text("student: {name: mmtard-tiny-vit}\n")
+    if command == "distill":
+        (tmp_path / "c.yaml").write_text("student: {name: mmtard-tiny-vit}\n")
+        args = ["--config", str(tmp_path / "c.yaml"), *tiny_overrides(world_dir, steps=STEPS)]
+    else:
+        weights = export_open_clip(create_clip(ModelSpec("mmtard-tiny-vit")), tmp_path / "tiny.safetensors")
+        args = ["--model", "mmtard-tiny-vit", "--pretrained", str(weights), "--dataset", f"world-shapes={world_dir}",
+                "--attack", "pgd", "--iterations", "1", "--n-samples", "20", "--batch-size", "4"]
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     base = {**os.environ, "OMP_NUM_THREADS": "1", "MMTARD_DIST_TIMEOUT": "120", "WORLD_SIZE": "2",
             "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    command = [sys.executable, str(script), "-q", "distill", "--config", str(tmp_path / "c.yaml"),
-               "--out", str(tmp_path / "run"), *tiny_overrides(world_dir, steps=STEPS)]
-    ranks = [subprocess.Popen(command, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
+    ranks = [subprocess.Popen([sys.executable, str(script), "-q", command, "--out", str(tmp_path / "out"), *args],
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
              for r in range(2)]
     outputs = [rank.communicate(timeout=100) for rank in ranks]  # the 120 s timeout must not be needed
+    written = "step_00000002.pt" if command == "distill" else "world-shapes.json"
     for rank, (_, err) in zip(ranks, outputs):
         assert rank.returncode == 2, err[-3000:]
-        assert "step_00000002.pt: No space left on device; any previous file there is intact" in err, err[-3000:]
-    assert [step for step, _ in list_checkpoints(tmp_path / "run")] == [1]
+        assert f"{written}: No space left on device; any previous file there is intact" in err, err[-3000:]
+    if command == "distill":
+        assert [step for step, _ in list_checkpoints(tmp_path / "out")] == [1]

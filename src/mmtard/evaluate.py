@@ -325,8 +325,8 @@ def _evaluate_sharded(
             else:
                 record["messages"].extend(new)
             bar.update(len(p["labels"]))
+        run_on_main(write_json_atomic, record, path)  # a refusal there (a full disk) stops every rank
         if env.is_main:
-            write_json_atomic(record, path)
             for c, keys in todo.items() if on_batch is not None else ():
                 for key in keys:
                     on_batch(entry.name, key, c)

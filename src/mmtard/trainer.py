@@ -183,6 +183,7 @@ class Trainer:
         self.step = 0
         self.position = 0  # micro-batches this rank has consumed since the start
         self.elapsed = 0.0  # training wall time over all sessions of this run (efficiency plots)
+        self.metrics: MetricsWriter | None = None  # rank 0's, opened by train()
 
     # ------------------------------------------------------------------ set-up helpers
     def _check_same_dataset_on_every_rank(self) -> None:
@@ -304,10 +305,7 @@ class Trainer:
         if self.resume_from is not None:
             self.load_state_dict(ckpt.load_checkpoint(self.resume_from))
             log.info("resumed from %s at step %d", self.resume_from, self.step)
-        if self.env.is_main:
-            save_config(self.config, self.run_dir / "config.yaml")
-            write_run_info(self.run_dir, self.env.world_size, self.plan)
-        metrics = MetricsWriter(self.run_dir, self.step) if self.env.is_main else None
+        run_on_main(self._open_run_files)  # rank 0 writes; its refusal (a full disk) stops every rank
         total = self.config.train.steps
         bar = tqdm(total=total, initial=self.step, desc=f"{self.config.method.name}", disable=not self.show_progress,
                    dynamic_ncols=True)
@@ -334,21 +332,27 @@ class Trainer:
                 if is_log:
                     elapsed = time.perf_counter() - t_log
                     row = self._log_row(sums, elapsed, images_since_log)
-                    if metrics is not None:
-                        metrics.write(self.step, row)
-                        bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}")
-                        log.info("step %d/%d %s", self.step, total,
-                                 " ".join(f"{k}={v:.4g}" for k, v in row.items()))
+                    run_on_main(self._write_row, row, bar)
                     sums, t_log, images_since_log = {}, time.perf_counter(), 0
                 if is_ckpt:
                     self._save_checkpoint()
         finally:
             bar.close()
-            if metrics is not None:
-                metrics.close()
+            if self.metrics is not None:
+                self.metrics.close()
             if self.method.clean_cache is not None:
                 self.method.clean_cache.flush()
         return self._export()
+
+    def _open_run_files(self) -> None:
+        save_config(self.config, self.run_dir / "config.yaml")
+        write_run_info(self.run_dir, self.env.world_size, self.plan)
+        self.metrics = MetricsWriter(self.run_dir, self.step)
+
+    def _write_row(self, row: dict[str, float], bar: tqdm) -> None:
+        self.metrics.write(self.step, row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}")
+        log.info("step %d/%d %s", self.step, self.config.train.steps, " ".join(f"{k}={v:.4g}" for k, v in row.items()))
 
     def _train_step(self, batches, bad: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One optimiser step over ``accumulation`` micro-batches; returns summed detached terms."""
