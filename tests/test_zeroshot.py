@@ -111,6 +111,43 @@ def test_text_weights_cache_hit(clip, tmp_path, counted):
     assert len(counted) == 1
 
 
+@pytest.mark.parametrize("damage", ["truncated", "empty", "other shape"])
+def test_a_damaged_cache_file_is_computed_again_and_replaced(clip, tmp_path, counted, caplog, damage):
+    """The cache lives in the user's cache folder and serves every later run: one bad file there
+    must cost a recomputation, not stop every run until someone finds it."""
+    cache = tmp_path / "text"
+    first = text_weights(clip, TINY, CLASSES, TEMPLATES, cache_dir=cache)
+    (path,) = cache.glob("text-*.pt")
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:
+        torch.save(torch.zeros(first.shape[0], len(CLASSES) + 1), path)
+    with caplog.at_level("WARNING"):
+        again = text_weights(clip, TINY, CLASSES, TEMPLATES, cache_dir=cache)
+    assert len(counted) == 2 and torch.equal(again, first)
+    assert str(path) in caplog.text and "computing it again" in caplog.text
+    assert torch.equal(torch.load(path, weights_only=True), first), "the file is replaced by a good one"
+    assert [p.name for p in cache.iterdir()] == [path.name], "no temporary file is left"
+
+
+def test_a_cache_that_cannot_be_written_is_a_warning(clip, tmp_path, counted, caplog, monkeypatch):
+    import errno
+
+    from mmtard import checkpoint
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "durable_replace", no_space)
+    with caplog.at_level("WARNING"):
+        weights = text_weights(clip, TINY, CLASSES, TEMPLATES, cache_dir=tmp_path / "text")
+    torch.testing.assert_close(weights, _manual_weights(clip, CLASSES, TEMPLATES), rtol=1e-5, atol=1e-5)
+    assert "text-embedding cache not written" in caplog.text and "No space left on device" in caplog.text
+    assert not list((tmp_path / "text").iterdir())
+
+
 def test_text_weights_without_cache_dir_always_computes(clip, counted):
     text_weights(clip, TINY, CLASSES, TEMPLATES)
     text_weights(clip, TINY, CLASSES, TEMPLATES)

@@ -121,7 +121,7 @@ def load_checkpoint(path: str | Path) -> dict:
         ) from exc
     except Exception as exc:  # noqa: BLE001 - zip, EOF and OS errors alike mean "not readable"
         raise MmtardError(
-            f"cannot read checkpoint {path}: {_first_line(exc)}. Delete it to resume from the previous "
+            f"cannot read checkpoint {path}: {first_line(exc)}. Delete it to resume from the previous "
             "checkpoint, if any"
         ) from exc
     if not isinstance(state, dict) or "step" not in state:
@@ -129,7 +129,7 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     """The first sentence of an error message (torch's zip errors go on for a paragraph)."""
     lines = str(exc).strip().splitlines()
     return lines[0].split(". ", 1)[0].rstrip(".") if lines else type(exc).__name__

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -22,7 +21,8 @@ from torch import nn
 
 from mmtard.data.folders import imagenet_classnames
 from mmtard.data.zeroshot_suite import clip_benchmark_json, suite_key
-from mmtard.errors import DataError
+from mmtard.checkpoint import atomic_save, first_line
+from mmtard.errors import DataError, MmtardError
 
 log = logging.getLogger(__name__)
 
@@ -104,18 +104,37 @@ def text_weights(
     batch_size: int = 256,
     fingerprint: str | None = None,
 ) -> torch.Tensor:
-    """Class text embeddings for ``clip``, read from ``cache_dir`` when already computed."""
+    """Class text embeddings for ``clip``, read from ``cache_dir`` when already computed.
+
+    The cache only saves time: a file there that cannot be read as this head (damaged, or a
+    tensor of another shape) is computed again and replaced, and a failed write is a warning."""
     templates = [_template_string(t) for t in templates]
+    device = next(clip.parameters()).device
     cache_file = None
     if cache_dir is not None:
         cache_file = Path(cache_dir) / f"text-{cache_key(clip, classnames, templates, fingerprint)}.pt"
-        if cache_file.is_file():
-            log.debug("text embeddings from cache %s", cache_file)
-            return torch.load(cache_file, map_location="cpu", weights_only=True).to(next(clip.parameters()).device)
+        cached = _read_cached(cache_file, len(classnames))
+        if cached is not None:
+            return cached.to(device)
     weights = compute_text_weights(clip, open_clip.get_tokenizer(model_name), classnames, templates, batch_size)
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(cache_file.name + f".{os.getpid()}.tmp")
-        torch.save(weights.cpu(), tmp)
-        os.replace(tmp, cache_file)
+        try:
+            atomic_save(weights.cpu(), cache_file)
+        except MmtardError as exc:
+            log.warning("text-embedding cache not written (%s); the embeddings are computed again next time", exc)
     return weights
+
+
+def _read_cached(path: Path, num_classes: int) -> torch.Tensor | None:
+    if not path.is_file():
+        return None
+    try:
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - damaged zip, empty file, foreign pickle: all a cache miss
+        log.warning("text-embedding cache %s is unreadable (%s); computing it again", path, first_line(exc))
+        return None
+    if not (isinstance(cached, torch.Tensor) and cached.dim() == 2 and cached.shape[1] == num_classes):
+        log.warning("text-embedding cache %s does not hold a d x %d matrix; computing it again", path, num_classes)
+        return None
+    log.debug("text embeddings from cache %s", path)
+    return cached
