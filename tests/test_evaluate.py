@@ -359,6 +359,49 @@ def test_merge_two_results_files_later_wins(tmp_path):
     assert any("b/x appears twice" in w for w in merged["warnings"])
 
 
+def test_an_unreadable_results_file_is_moved_aside_not_overwritten(tmp_path):
+    from mmtard.evaluate import _write_results
+
+    (tmp_path / "results.json").write_text('{"models": {"earlier": ')  # cut short by hand or a full disk
+    (tmp_path / "results.json.unreadable").write_text("an older one")
+    rows = _results({"a": {"x": (50.0, [20.0])}})["models"]
+    written = _write_results(tmp_path, rows, AttackSpec(), [1 / 255], [])
+    assert (tmp_path / "results.json.unreadable").read_text() == "an older one"
+    assert (tmp_path / "results.json.unreadable.1").read_text() == '{"models": {"earlier": '
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(written)) and set(on_disk["models"]) == {"a"}
+    assert any("moved to results.json.unreadable.1" in w for w in on_disk["warnings"])
+
+
+def test_evaluations_writing_into_one_folder_at_once_keep_every_row(tmp_path, monkeypatch):
+    """Each merge reads the file, adds its row and writes it back: two at once, unserialised, would
+    both read the old file and the later write would drop the earlier one's row."""
+    import threading
+    import time
+
+    from mmtard import evaluate
+
+    evaluate._write_results(tmp_path, _results({"base": {"x": (50.0, [20.0])}})["models"], AttackSpec(),
+                            [1 / 255], [])
+    real_load = evaluate.load_results
+
+    def slow_load(path):
+        loaded = real_load(path)
+        time.sleep(0.5)  # the other writer reads meanwhile, unless it waits for this one
+        return loaded
+
+    monkeypatch.setattr(evaluate, "load_results", slow_load)
+    writers = [threading.Thread(target=evaluate._write_results,
+                                args=(tmp_path, _results({name: {"x": (40.0, [10.0])}})["models"], AttackSpec(),
+                                      [1 / 255], []))
+               for name in ("a", "b")]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join()
+    assert set(json.loads((tmp_path / "results.json").read_text())["models"]) == {"base", "a", "b"}
+
+
 @pytest.mark.parametrize(
     "mutate, match",
     [

@@ -96,6 +96,21 @@ def test_the_index_is_kept_and_rebuilt_when_a_shard_changes(folder, shards, tmp_
         IndexedShardDataset(pattern, classnames=names, index_dir=tmp_path / "index")
 
 
+def test_a_damaged_kept_index_is_scanned_again_and_replaced(folder, shards, tmp_path, caplog):
+    pattern, _ = shards
+    names = [str(k) for k in range(len(folder.classnames))]
+    IndexedShardDataset(pattern, classnames=names, index_dir=tmp_path / "index")
+    (kept,) = (tmp_path / "index").glob("shard-index-*.npz")
+    whole = kept.read_bytes()
+    kept.write_bytes(whole[: len(whole) // 2])  # a machine that lost power before the data reached the disk
+    with caplog.at_level("WARNING"):
+        again = IndexedShardDataset(pattern, classnames=names, index_dir=tmp_path / "index")
+    assert f"shard index {kept} is unreadable" in caplog.text
+    assert len(again) == 30 and again[5][1] == folder.targets[5]
+    assert kept.read_bytes() == whole, "the kept index is written whole again"
+    assert {p.name for p in kept.parent.iterdir()} == {kept.name, kept.with_suffix(".lock").name}
+
+
 def test_incomplete_and_corrupt_samples(folder, tmp_path):
     path = tmp_path / "bad.tar"
     good = Path(folder.files[0]).read_bytes()

@@ -8,13 +8,15 @@ and renamed, so a reader only ever sees a whole file; old checkpoints are pruned
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import pickle
 import random
 import re
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterator
 
 import numpy as np
 import torch
@@ -74,6 +76,18 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
 def atomic_write_text(text: str, path: str | Path) -> Path:
     """UTF-8 text through :func:`atomic_write`."""
     return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on the file ``path`` (made if missing) while the block runs:
+    for read-modify-write steps that several processes may take on one file (two evaluations into
+    one folder, runs that build the same shard index). Released when the process dies."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:

@@ -21,8 +21,10 @@ distributed evaluation gives exactly the single-process numbers.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ from tqdm.auto import tqdm
 
 from mmtard.attacks import format_eps, parse_eps
 from mmtard.autoattack import AttackSpec, robust_flags, strict_fp32
+from mmtard.checkpoint import exclusive_lock
 from mmtard.dataset_digest import dataset_digest, same_data
 from mmtard.distributed import all_gather_object, current_env, run_on_main
 from mmtard.errors import ConfigError, DataError, MmtardError
@@ -454,12 +457,29 @@ def _head(classifier, model: ModelEntry, entry: DatasetEntry, out_dir: Path) -> 
 
 
 def _write_results(out_dir: Path, rows: dict, spec: AttackSpec, eps: list[float], warnings_seen: list[str]) -> dict:
+    """Merge this run's rows into ``results.json``; under a lock, so that evaluations of other
+    models into the same folder at the same time each keep their rows."""
     path = out_dir / RESULTS_NAME
+    with exclusive_lock(out_dir / f".{RESULTS_NAME}.lock"):
+        return _merge_results(path, rows, spec, eps, warnings_seen)
+
+
+def _unused_name(path: Path) -> Path:
+    """``path``, or ``path.1``, ``path.2``... whichever does not exist yet."""
+    return next(c for c in (path.with_name(f"{path.name}.{n}") if n else path for n in itertools.count())
+                if not c.exists())
+
+
+def _merge_results(path: Path, rows: dict, spec: AttackSpec, eps: list[float], warnings_seen: list[str]) -> dict:
     if path.is_file():  # rows and datasets evaluated earlier into the same folder stay; this run's win
         try:
             old = load_results(path)
-        except DataError as exc:
-            log.warning("ignoring the unreadable %s: %s", path, exc)
+        except DataError as exc:  # its rows are not lost: kept aside, and the new file says where
+            aside = _unused_name(path.with_name(f"{path.name}.unreadable"))
+            os.replace(path, aside)
+            warnings_seen.append(f"the earlier {path.name} could not be read ({exc}); it was moved to {aside.name} "
+                                 "and its rows are not in this file")
+            log.warning("%s", warnings_seen[-1])
         else:
             for row, entry in old["models"].items():
                 if row not in rows:

@@ -16,12 +16,10 @@ to the first dot of the base name form one sample; it needs an image (``IMAGE_KE
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import os
 import tarfile
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
@@ -31,10 +29,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from mmtard.checkpoint import atomic_write, exclusive_lock, first_line
 from mmtard.data.base import first_readable
 from mmtard.data.images import ImageTransform, SkipLog, corrupt_error, decode_image_bytes
 from mmtard.data.shards import IMAGE_KEYS, expand_shards
-from mmtard.errors import DataError
+from mmtard.errors import DataError, MmtardError
 
 log = logging.getLogger(__name__)
 
@@ -124,21 +123,32 @@ def build_index(urls: Sequence[str], strict: bool = False, index_dir: str | Path
     kept.parent.mkdir(parents=True, exist_ok=True)
     # One process scans, the others (ranks, concurrent runs) wait on the lock and then read its
     # file: a lock, not a collective, so a long scan cannot trip a process-group timeout.
-    with open(kept.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if kept.is_file():
-            with np.load(kept, allow_pickle=False) as data:
-                index = {k: data[k] for k in data.files}
+    with exclusive_lock(kept.with_suffix(".lock")):
+        index = _read_index(kept)
+        if index is not None:
             if int(index["skipped"]):
                 log.warning("%d incomplete samples are left out of the shards' index (%s)",
                             int(index["skipped"]), kept)
             return index
         index = _scan(urls, strict)
-        handle, tmp = tempfile.mkstemp(prefix=f".{kept.stem}.", suffix=".npz", dir=kept.parent)
-        with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **index)
-        os.replace(tmp, kept)
+        try:
+            atomic_write(kept, lambda handle: np.savez(handle, **index))
+        except MmtardError as exc:  # the index only saves the next start a scan
+            log.warning("shard index not kept (%s); the shards are scanned again next time", exc)
         return index
+
+
+def _read_index(path: Path) -> dict[str, np.ndarray] | None:
+    """A kept index, or None when there is none or it cannot be read (damaged: scanned again)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            index = {k: data[k] for k in data.files}
+    except Exception as exc:  # noqa: BLE001 - a damaged zip, a cut file: all mean "scan again"
+        log.warning("shard index %s is unreadable (%s); scanning the shards again", path, first_line(exc))
+        return None
+    return index
 
 
 def _scan(urls: Sequence[str], strict: bool) -> dict[str, np.ndarray]:
