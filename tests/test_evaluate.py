@@ -245,6 +245,30 @@ def test_resume_after_interruption_gives_identical_numbers(trained_weights, tmp_
     assert again == []
 
 
+@pytest.mark.parametrize("damage", ["cut lists", "not an object", "cut file"])
+def test_a_damaged_record_is_evaluated_again(trained_weights, tmp_path, caplog, damage):
+    """A per-sample record only saves work: one edited by hand or cut short is started again, never
+    read with its missing samples counted as done (nor stopped on with a raw TypeError)."""
+    args = dict(eps_list=["2/255"], attack=AttackSpec(iterations=2), n_samples=16, batch_size=8, seed=5,
+                progress=False)
+    full = run_eval([_row(trained_weights)], [_entry(40)], out_dir=tmp_path, **args)
+    path = tmp_path / "samples" / "undefended" / "patterns.json"
+    record = json.loads(path.read_text())
+    if damage == "cut lists":
+        record["robust"]["2/255"] = record["robust"]["2/255"][:8]
+        path.write_text(json.dumps(record))
+    elif damage == "not an object":
+        path.write_text(json.dumps([record]))
+    else:
+        path.write_text(path.read_text()[:200])
+    calls = []
+    with caplog.at_level("WARNING"):
+        again = run_eval([_row(trained_weights)], [_entry(40)], out_dir=tmp_path, on_batch=lambda *a: calls.append(a),
+                         **args)
+    assert f"{path} is unreadable or incomplete; starting it again" in caplog.text
+    assert len(calls) == 2 and again["models"] == full["models"]
+
+
 def test_other_evaluation_in_same_folder_is_refused(tmp_path):
     entry = _entry(8)
     run_eval([ModelEntry("m", TINY)], [entry], ["1/255"], AttackSpec(name="pgd", iterations=1), n_samples=4,
@@ -595,7 +619,8 @@ def _fresh_record(dataset: str, **changes) -> dict:
 
     return {"arch": TINY, "weights": None, "weights_file": None, "forward": MODEL_FORWARD, "indices": [0, 1],
             "sample_ids": ["a", "b"], "attack": {"name": "pgd"}, "head": "h", "seed": 0, "batch_size": 2,
-            "dataset": dataset, "image_size": 32, "data": None, **changes}
+            "dataset": dataset, "image_size": 32, "data": None, "labels": [None, None], "clean": [None, None],
+            "robust": {}, **changes}
 
 
 def test_a_record_or_row_from_before_quick_gelu_and_bicubic_is_not_resumed_or_merged(tmp_path):

@@ -13,7 +13,7 @@ from torch import nn
 
 from mmtard import teacher_cache
 from mmtard.distributed import node_index
-from mmtard.errors import DataError
+from mmtard.errors import ConfigError, DataError
 from mmtard.teacher_cache import CleanTeacherCache
 
 IDS = [f"img{i}.png" for i in range(10)]
@@ -118,6 +118,9 @@ def test_node_index_from_torchrun_environment(monkeypatch):
     assert node_index(5) == 1
     monkeypatch.setenv("GROUP_RANK", "3")
     assert node_index(5) == 3
+    monkeypatch.setenv("GROUP_RANK", "node-a")  # set by hand, not by torchrun
+    with pytest.raises(ConfigError, match="GROUP_RANK='node-a': expected an integer"):
+        node_index(5)
 
 
 def test_files_of_another_dataset_or_layout_are_pointed_out(tmp_path, data, caplog):

@@ -522,3 +522,17 @@ def test_a_checkpoint_of_an_older_model_forward_is_not_resumed(world_dir, tmp_pa
     ckpt.atomic_save(state, path)
     with pytest.raises(MmtardError, match="written by an older mmtard, before model-forward version 2"):
         Trainer(load_config(None, overrides), tmp_path / "run", show_progress=False).train()
+
+
+def test_a_checkpoint_missing_part_of_its_state_is_named(world_dir, tmp_path, monkeypatch):
+    from mmtard import checkpoint as ckpt
+    from mmtard.errors import MmtardError
+
+    overrides = tiny_overrides(world_dir, steps=3, **{"attack.steps": 0})
+    _interrupt_after(overrides, tmp_path / "run", 1, monkeypatch)
+    (_, path), = ckpt.list_checkpoints(tmp_path / "run")
+    state = ckpt.load_checkpoint(path)
+    del state["position"], state["rng"]  # a checkpoint someone trimmed by hand
+    ckpt.atomic_save(state, path)
+    with pytest.raises(MmtardError, match=r"step_00000001.pt lacks position, rng, so the run cannot continue"):
+        Trainer(load_config(None, overrides), tmp_path / "run", show_progress=False).train()

@@ -88,9 +88,9 @@ def node_index(rank: int) -> int:
     when they are known to share a machine.
     """
     if "GROUP_RANK" in os.environ:
-        return int(os.environ["GROUP_RANK"])
+        return _env_int("GROUP_RANK")
     if "LOCAL_WORLD_SIZE" in os.environ:
-        return rank // max(1, int(os.environ["LOCAL_WORLD_SIZE"]))
+        return rank // max(1, _env_int("LOCAL_WORLD_SIZE"))
     return rank
 
 

@@ -28,7 +28,7 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -135,7 +135,9 @@ def _open_record(path: Path, fresh: dict, data_digest: Callable[[str], str | Non
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
-        log.warning("%s is unreadable; starting it again", path)
+        old = None
+    if not _whole_record(old):  # a record only saves work: a damaged one is done again
+        log.warning("%s is unreadable or incomplete; starting it again", path)
         return new_record()
     # sample_ids: the same positions may now hold other images; image_size: eps would be measured
     # in another pixel space. Records older than the forward field (and so older than image sizes,
@@ -165,6 +167,21 @@ def _open_record(path: Path, fresh: dict, data_digest: Callable[[str], str | Non
         # per batch), so the stored batching wins over the one asked for now.
         log.info("%s: resuming with its stored batch_size %s", path, old.get("batch_size"))
     return old
+
+
+def _whole_record(record: Any) -> bool:
+    """Whether a stored record has every per-sample list at full length (one edited by hand or
+    cut short would otherwise count its missing samples as done)."""
+    if not isinstance(record, dict) or not isinstance(record.get("indices"), list):
+        return False
+    if not isinstance(record.get("batch_size"), int) or record["batch_size"] < 1:
+        return False
+    n = len(record["indices"])
+    lists = [record.get(k) for k in ("sample_ids", "labels", "clean")]
+    robust = record.get("robust")
+    if not isinstance(robust, dict):
+        return False
+    return all(isinstance(v, list) and len(v) == n for v in lists + list(robust.values()))
 
 
 def _missing_chunks(record: dict, eps_keys: list[str]) -> list[int]:

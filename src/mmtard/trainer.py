@@ -232,6 +232,10 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        missing = sorted({"student", "optimizer", "scheduler", "position", "rng"} - set(state))
+        if missing:
+            raise MmtardError(f"{self.resume_from} lacks {', '.join(missing)}, so the run cannot continue from it; "
+                              "delete it to resume from the previous checkpoint, if any")
         if state.get("forward", 1) != MODEL_FORWARD:
             raise MmtardError(f"{self.resume_from} was written by an older mmtard, before model-forward version 2 "
                               "(QuickGELU for OpenAI-derived weights, the release's bicubic resize); resumed now, the "
