@@ -293,13 +293,13 @@ def _report(out: Path, plan: DemoPlan, results: dict, students: dict[str, list[P
     report = run_report([out / "eval", *runs], out)
     summary = _demo_section(plan, results, students, seeds, seconds, out)
     text = report.read_text()
-    report.write_text(summary + "\n" + text)
+    ckpt.atomic_write_text(summary + "\n" + text, report)
     merged = json.loads((out / "eval" / "results.json").read_text())
     merged["efficiency"] = results["efficiency"]
     merged["demo"] = {"plan": _plan_dict(plan), "seeds": seeds, "seconds": round(seconds, 1)}
     if seeds > 1:
         merged["seed_summary"] = _seed_summary(results, students, plan)
-    (out / "results.json").write_text(json.dumps(merged, indent=2))
+    write_json_atomic(merged, out / "results.json")
     return report
 
 
