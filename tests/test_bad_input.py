@@ -54,7 +54,22 @@ CONFIG_CASES = {
     "typo in a section": (["trian.steps=3"], ["unknown key 'trian'", "Did you mean 'train'?"]),
     "integer expected": (["train.steps=ten"], ["train.steps", "expected an integer", "'ten'"]),
     "boolean expected": (["train.lora=maybe"], ["train.lora", "expected true or false", "'maybe'"]),
-    "number expected": (["train.lr=fast"], ["train.lr", "expected a number", "'fast'"]),
+    "number expected": (["train.lr=fast"], ["train.lr", "expected a finite number", "'fast'"]),
+    "not a number": (["train.lr=nan"], ["train.lr", "expected a finite number", "'nan'"]),
+    "negative learning rate": (["train.lr=-1e-5"], ["train.lr: -1e-05 must be >= 0"]),
+    "negative weight decay": (["train.weight_decay=-1"], ["train.weight_decay: -1.0 must be >= 0"]),
+    "log every 0 steps": (["train.log_every=0"], ["train.log_every: 0 must be >= 1"]),
+    "checkpoint every 0 steps": (["train.ckpt_every=0"], ["train.ckpt_every: 0 must be >= 1"]),
+    "image size 0": (["data.image_size=0"], ["data.image_size: 0 must be >= 1"]),
+    "negative loader workers": (["data.num_workers=-1"], ["data.num_workers: -1 must be >= 0"]),
+    "LoRA rank 0": (["train.lora=true", "train.lora_rank=0"], ["train.lora_rank: 0 must be >= 1"]),
+    "LoRA dropout above 1": (["train.lora=true", "train.lora_dropout=2"], ["train.lora_dropout: 2.0 must be in [0, 1)"]),
+    "unknown compile mode": (["train.compile=true", "train.compile_mode=foo"], ["train.compile_mode: 'foo'",
+                                                                               "reduce-overhead"]),
+    "template without a class slot": (['data.templates=["a photo"]'],
+                                      ["data.templates[0]: 'a photo' must have exactly one class slot {}; it has none"]),
+    "template with a named slot": (['data.templates=["a photo of a {c}"]'], ["data.templates[0]", "it has {c}"]),
+    "template with two slots": (['data.templates=["{} and {}"]'], ["data.templates[0]", "it has {}, {}"]),
     "list expected": (["data.templates=a photo"], ["data.templates", "expected a list"]),
     "unknown method": (["method.name=mmtrad"], ["unknown method 'mmtrad'", "mmt_ard"]),
     "eps in 0-255 units": (["attack.eps=8"], ["attack.eps", "outside [0, 1]", "Did you mean 8/255?"]),
@@ -251,6 +266,11 @@ def test_run_folder_refusals(config_file, world_dir, tmp_path, capsys):
     finished.mkdir()
     (finished / "student.safetensors").write_bytes(b"")
     _refused(capsys, _distill(config_file, finished, world_dir), str(finished), "finished run", "--force")
+    for bad in ("train.lr=-1e-5", "train.ckpt_every=0", "data.num_workers=-1"):  # found before --force clears
+        forced = _distill(config_file, finished, world_dir, bad)
+        forced.insert(forced.index("distill") + 1, "--force")
+        _refused(capsys, forced, bad.split("=")[0])
+        assert (finished / "student.safetensors").exists()
 
     other = tmp_path / "other"
     (other / "checkpoints").mkdir(parents=True)

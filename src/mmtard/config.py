@@ -10,7 +10,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import re
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -213,14 +215,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return int(value.strip(), 10)  # decimal, whatever its leading zeros
         raise ConfigError(f"{where}: expected an integer, got {str(value)!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string; overrides are text
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string; overrides are text
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: expected a number, got {str(value)!r}")
+        if number is None or not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {str(value)!r}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -358,6 +363,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.precision: '{train.precision}' is not one of auto, fp32, bf16")
     if not 0 <= train.warmup_frac < 1:
         raise ConfigError(f"train.warmup_frac: {train.warmup_frac} must be in [0, 1)")
+    _check_ranges(config)
     if train.patch_embed not in PATCH_EMBEDS:
         raise ConfigError(f"train.patch_embed: '{train.patch_embed}' is not one of {', '.join(PATCH_EMBEDS)}")
     if train.last_block not in LAST_BLOCKS:
@@ -365,6 +371,54 @@ def validate(config: Config) -> None:
     if train.attention not in ATTENTION_KERNELS:
         raise ConfigError(f"train.attention: '{train.attention}' is not one of {', '.join(ATTENTION_KERNELS)}")
     METHODS[method.name].check_config(config)
+
+
+#: torch.compile's modes (train.compile_mode; null is torch's default)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _check_ranges(config: Config) -> None:
+    """Values that would otherwise fail deep in torch, peft or the data loader, or only once a
+    --force run had cleared the old one."""
+    train, data = config.train, config.data
+    at_least = {"train.log_every": (train.log_every, 1), "train.ckpt_every": (train.ckpt_every, 1),
+                "train.keep_checkpoints": (train.keep_checkpoints, 1), "train.lr": (train.lr, 0.0),
+                "train.weight_decay": (train.weight_decay, 0.0), "train.grad_clip": (train.grad_clip, 0.0),
+                "data.num_workers": (data.num_workers, 0)}
+    if train.lora:
+        at_least.update({"train.lora_rank": (train.lora_rank, 1), "train.lora_alpha": (train.lora_alpha, 1)})
+    if data.image_size is not None:
+        at_least["data.image_size"] = (data.image_size, 1)
+    for key, (value, low) in at_least.items():
+        if value < low:
+            raise ConfigError(f"{key}: {value} must be >= {low}")
+    if train.logit_scale <= 0:
+        raise ConfigError(f"train.logit_scale: {train.logit_scale} must be > 0")
+    if train.lora and not 0 <= train.lora_dropout < 1:
+        raise ConfigError(f"train.lora_dropout: {train.lora_dropout} must be in [0, 1)")
+    if train.compile_mode is not None and train.compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"train.compile_mode: '{train.compile_mode}' is not one of {', '.join(COMPILE_MODES)} "
+                          "(or null)")
+    if not data.templates:
+        raise ConfigError("data.templates: at least one template is needed")
+    for i, template in enumerate(data.templates):
+        check_class_template(template, f"data.templates[{i}]")
+
+
+def check_class_template(template: str, where: str) -> None:
+    """A zero-shot prompt template must have exactly one class slot ``{}`` (and format cleanly):
+    without one, every class gets the same prompt and the zero-shot head cannot tell them apart."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {template!r} is not a format string ({exc})") from None
+    if fields != [""]:
+        found = ", ".join("{" + name + "}" for name in fields) or "none"
+        raise ConfigError(f"{where}: {template!r} must have exactly one class slot {{}}; it has {found}")
+    try:
+        template.format("x")
+    except (ValueError, IndexError, KeyError, AttributeError) as exc:
+        raise ConfigError(f"{where}: {template!r} does not format with a class name ({exc})") from None
 
 
 def save_config(config: Any, path: str | Path) -> None:

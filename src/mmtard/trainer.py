@@ -165,13 +165,6 @@ class Trainer:
         teachers = build_teachers(config, classnames, self.device)
         self.method = build_method(config, self.student, teachers, reference, self.amp)
         torch.manual_seed(config.train.seed + self.env.rank)
-        if self.resume_from is None:  # only now: a config that fails to build deletes nothing
-            run_on_main(start_fresh, self.run_dir, config, force)
-        if config.train.clean_teacher_cache and not config.data.augment and teachers:
-            weights = [weights_digest(t.name, t.pretrained) for t in config.teachers]
-            self.method.clean_cache = CleanTeacherCache(self.run_dir / "cache" / "clean_teacher",
-                                                        self.dataset.sample_ids, node=self.env.node,
-                                                        teacher_weights=weights)
         self.trainable = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=config.train.lr, weight_decay=config.train.weight_decay,
                                            **({"fused": True} if self.device.type == "cuda" else {}))
@@ -184,6 +177,13 @@ class Trainer:
         self.position = 0  # micro-batches this rank has consumed since the start
         self.elapsed = 0.0  # training wall time over all sessions of this run (efficiency plots)
         self.metrics: MetricsWriter | None = None  # rank 0's, opened by train()
+        if self.resume_from is None:  # only now: a config that fails to build deletes nothing
+            run_on_main(start_fresh, self.run_dir, config, force)
+        if config.train.clean_teacher_cache and not config.data.augment and teachers:
+            weights = [weights_digest(t.name, t.pretrained) for t in config.teachers]
+            self.method.clean_cache = CleanTeacherCache(self.run_dir / "cache" / "clean_teacher",
+                                                        self.dataset.sample_ids, node=self.env.node,
+                                                        teacher_weights=weights)
 
     # ------------------------------------------------------------------ set-up helpers
     def _check_same_dataset_on_every_rank(self) -> None:

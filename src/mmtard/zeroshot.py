@@ -22,6 +22,7 @@ from torch import nn
 from mmtard.data.folders import imagenet_classnames
 from mmtard.data.zeroshot_suite import clip_benchmark_json, suite_key
 from mmtard.checkpoint import atomic_save, first_line
+from mmtard.config import check_class_template
 from mmtard.errors import DataError, MmtardError
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ def compute_text_weights(
     templates = [_template_string(t) for t in templates]
     if not classnames or not templates:
         raise DataError("a zero-shot head needs at least one class name and one template")
+    for i, template in enumerate(templates):
+        check_class_template(template, f"zero-shot template {i}")
     device = next(clip.parameters()).device
     prompts = [t.format(c) for c in classnames for t in templates]
     chunks = []
