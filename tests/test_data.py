@@ -1,6 +1,7 @@
 """Data loaders: contract tuples, image conversions, bad files, bad layouts, helpers."""
 
 import io
+import shutil
 
 import numpy as np
 import pytest
@@ -159,11 +160,18 @@ def imagenet(tmp_path):
 
 
 def test_imagenet_folder_partial(imagenet):
+    """A subset of ImageNet-1k's classes (ImageNet-100 style) trains with ImageNet's names for its
+    wnids; a folder that is not one of them would take a label and a meaningless name."""
     root, wnids = imagenet
     ds = imagenet_folder(root, "val", image_size=8)
-    assert ds.classnames == wnids and len(ds) == 6 and ds[5][1] == 2
+    assert ds.classnames == ["tench", "goldfish", "great white shark"] and len(ds) == 6 and ds[5][1] == 2
     with pytest.raises(DataError, match="train"):
         imagenet_folder(root / "nothing", "train")
+    for stray in ("extra", "n99999999"):  # a stray folder, a wnid outside ImageNet-1k
+        _write(root / "val" / stray / "a.JPEG", fmt="JPEG")
+        with pytest.raises(DataError, match=f"1 class folders are not ImageNet-1k wnids \\({stray}\\); remove them"):
+            imagenet_folder(root, "val", image_size=8)
+        shutil.rmtree(root / "val" / stray)
 
 
 def test_imagenet_val_subset(imagenet):

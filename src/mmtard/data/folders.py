@@ -76,16 +76,18 @@ def check_imagenet_wnids(wnids: Sequence[str], where: str | Path) -> None:
 def folder_classnames(class_dirs: Sequence[str]) -> list[str]:
     """Human-readable names for sorted class folder names.
 
-    ImageNet-1k's 1000 wnids map to open_clip's ImageNet class names. Other names have
-    underscores replaced by spaces. Any other set of wnids (part of ImageNet-1k, or 1000 others
-    such as an ImageNet-21k subset) keeps the wnids themselves (there is no wnid -> name table for
-    those); pass explicit class names in that case.
+    ImageNet-1k wnids (all 1000, or a subset such as ImageNet-100) map to open_clip's ImageNet
+    class names. Other names have underscores replaced by spaces. Wnids outside ImageNet-1k (an
+    ImageNet-21k subset) keep the wnids themselves (there is no wnid -> name table for those);
+    pass explicit class names (``data.classnames``) in that case.
     """
     if class_dirs and all(is_wnid(d) for d in class_dirs):
-        if len(class_dirs) == 1000 and list(class_dirs) == list(imagenet_wnids()):  # timm read only then
-            return imagenet_classnames()
+        position = {w: i for i, w in enumerate(imagenet_wnids())}  # timm read only for wnid folders
+        if all(d in position for d in class_dirs):
+            names = imagenet_classnames()
+            return [names[position[d]] for d in class_dirs]
         _logger.warning(
-            "%d wnid folders, not ImageNet-1k's 1000: class names stay wnids; pass classnames= to name them.",
+            "%d wnid folders, some outside ImageNet-1k: class names stay wnids; set data.classnames to name them.",
             len(class_dirs),
         )
         return list(class_dirs)
@@ -179,4 +181,11 @@ def imagenet_folder(
     ds = ImageFolderDataset(Path(root) / split, image_size, augment, strict, layout=IMAGENET_LAYOUT)
     if len(ds.class_dirs) == 1000:  # a stray folder in place of a class would shift every later label
         check_imagenet_wnids(ds.class_dirs, ds.root)
+    else:  # a subset (ImageNet-100): its labels count its own folders, named from ImageNet's table
+        unknown = sorted(set(ds.class_dirs) - set(imagenet_wnids()))
+        if unknown:
+            raise DataError(f"{ds.root}: {len(unknown)} class folders are not ImageNet-1k wnids ({', '.join(unknown[:5])}); "
+                            "remove them, or read the folder as data.source=imagefolder with data.classnames")
+        _logger.info("%s: %d of ImageNet-1k's 1000 classes; labels 0..%d follow their sorted wnids",
+                     ds.root, len(ds.class_dirs), len(ds.class_dirs) - 1)
     return ds
