@@ -134,6 +134,26 @@ def test_missing_weight_file(tmp_path):
         create_clip(ModelSpec(TINY, str(tmp_path / "nope.pt")))
 
 
+def test_a_weights_file_is_read_by_its_content_not_its_name(tmp_path):
+    """A safetensors file saved as .pt loads; a text page or a cut archive under a weights name is
+    named as what it is, not met with torch's KeyError or advice to trust it."""
+    from mmtard.models import read_weights_file
+
+    state = {"w": torch.arange(4.0)}
+    save_file(state, str(tmp_path / "renamed.pt"))
+    assert torch.equal(read_weights_file(tmp_path / "renamed.pt")["w"], state["w"])
+    (tmp_path / "page.pt").write_text("<!doctype html><title>404</title>")
+    (tmp_path / "hello.safetensors").write_text("hello")
+    for name in ("page.pt", "hello.safetensors"):
+        with pytest.raises(ModelError, match=f"{name}: it is neither a safetensors nor a torch file"):
+            read_weights_file(tmp_path / name)
+    torch.save(state, tmp_path / "whole.pt")
+    whole = (tmp_path / "whole.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ModelError, match="cannot read weight file .*cut.pt: "):
+        read_weights_file(tmp_path / "cut.pt")
+
+
 def test_pickle_that_runs_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"

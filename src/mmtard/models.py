@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmtard.checkpoint import durable_replace, unpickling_reason
+from mmtard.checkpoint import durable_replace, first_line, unpickling_reason
 from mmtard.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -121,30 +121,35 @@ def strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 def read_weights_file(path: str | Path) -> object:
     """What a safetensors or weights-only torch file holds (a dict of tensors, or a checkpoint
-    dict that wraps one), read without ever unpickling code."""
+    dict that wraps one), read without ever unpickling code. The format is told by the file's
+    first bytes, not its name: a safetensors file saved as ``.pt`` loads, and a file that is
+    neither (a text or HTML page saved under a weights name) is named as such."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"weight file not found: {path}")
-    if path.suffix == ".safetensors":
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if len(head) == 9 and head[8:9] == b"{":  # an 8-byte header length, then the JSON header
         from safetensors.torch import load_file
 
         try:
-            state = load_file(str(path), device="cpu")
+            return load_file(str(path), device="cpu")
         except Exception as exc:  # safetensors raises its own error types
             raise ModelError(f"cannot read safetensors file {path}: {exc}") from exc
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            raise ModelError(
-                f"refusing to load {path}: it needs arbitrary unpickling, which can execute code "
-                "(torch.load weights_only=True rejected it). If you trust the file, convert it once "
-                "with `torch.load(path, weights_only=False)` and save its state_dict with "
-                f"safetensors. Detail: {unpickling_reason(exc)}"
-            ) from exc
-        except (RuntimeError, EOFError, OSError) as exc:
-            raise ModelError(f"cannot read weight file {path}: {exc}") from exc
-    return state
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or its legacy pickle
+        raise ModelError(f"cannot read weight file {path}: it is neither a safetensors nor a torch file "
+                         f"(it starts with {head!r})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ModelError(
+            f"refusing to load {path}: it needs arbitrary unpickling, which can execute code "
+            "(torch.load weights_only=True rejected it). If you trust the file, convert it once "
+            "with `torch.load(path, weights_only=False)` and save its state_dict with "
+            f"safetensors. Detail: {unpickling_reason(exc)}"
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 - a damaged archive fails in many ways (zip, EOF, KeyError)
+        raise ModelError(f"cannot read weight file {path}: {type(exc).__name__}: {first_line(exc)}") from exc
 
 
 def load_state_checked(module: nn.Module, state: dict[str, torch.Tensor], path: str | Path, mismatch: str) -> None:
