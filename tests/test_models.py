@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 
@@ -193,9 +194,14 @@ def test_open_clip_tag_offline_fails_fast_and_says_why(monkeypatch, tag, expecte
 
 def test_export_round_trip_through_open_clip(tmp_path):
     clip = _clip(seed=5)
-    path = export_open_clip(clip, tmp_path / "out" / "model.safetensors")
+    umask = os.umask(0o027)  # a group-readable setting, as on shared storage
+    try:
+        path = export_open_clip(clip, tmp_path / "out" / "model.safetensors")
+    finally:
+        os.umask(umask)
     assert path.is_file()
     assert not list(path.parent.glob("*.tmp"))
+    assert path.stat().st_mode & 0o777 == 0o640, "the umask decides, as for every other file (safetensors makes 0600)"
     register_tiny_models()
     loaded, _, _ = open_clip.create_model_and_transforms(TINY, pretrained=str(path))
     loaded.eval()

@@ -417,6 +417,9 @@ def export_open_clip(clip: nn.Module, path: str | Path) -> Path:
                 ACTIVATION_METADATA: json.dumps(uses_quick_gelu(clip))}
     try:
         save_file(state, str(tmp), metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600: other accounts could not read a student
         durable_replace(tmp, path)
     except Exception as exc:  # OSError (disk full) or safetensors' own error type
         tmp.unlink(missing_ok=True)
