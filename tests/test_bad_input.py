@@ -124,6 +124,10 @@ def test_config_file_refusals(tmp_path, capsys):
     teacher_method.write_text("method: {name: ard}\nteachers: [{name: mmtard-tiny-vit}]\n")
     _refused(capsys, ["train-teacher", "--config", str(teacher_method), "--out", str(tmp_path / "r")],
              "train-teacher trains with", "'ard'", "mmtard distill")
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train: {steps: 1, lr: 0.5}\ntrain: {steps: 2}\n")  # the first lr would vanish
+    _refused(capsys, ["distill", "--config", str(twice), "--out", str(tmp_path / "r")],
+             str(twice), "line 2", "the key 'train' is given twice")
     latin = tmp_path / "latin.yaml"
     latin.write_bytes("train: {steps: 3}  # r\xe9glage\n".encode("latin-1"))
     _refused(capsys, ["distill", "--config", str(latin), "--out", str(tmp_path / "r")], str(latin), "not UTF-8")
