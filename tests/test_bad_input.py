@@ -20,6 +20,7 @@ import torch
 from mmtard.cli import main
 from mmtard.config import load_config, save_config
 from mmtard.errors import ConfigError
+from mmtard.models import ModelSpec, create_clip, export_open_clip
 from test_trainer import tiny_overrides
 
 
@@ -344,6 +345,13 @@ def test_eval_and_report_refusals(world_dir, tmp_path, capsys):
              "finished run folder")
     _refused(capsys, base + ["--model", "mmtard-tiny-vit", "--dataset", "world=/nonexistent/world"],
              "No world at /nonexistent/world")
+    # the second row's weights are checked before the first row's attack starts
+    good = export_open_clip(create_clip(ModelSpec("mmtard-tiny-vit")), tmp_path / "good.safetensors")
+    (tmp_path / "page.pt").write_text("<!doctype html>")
+    rows = ["--model", "mmtard-tiny-vit", "--pretrained", str(good), "--name", "a",
+            "--model", "mmtard-tiny-vit", "--pretrained", str(tmp_path / "page.pt"), "--name", "b"]
+    _refused(capsys, base + rows + ["--dataset", f"world={world_dir}"], "page.pt", "neither a safetensors nor a torch")
+    assert not (tmp_path / "eval" / "samples").exists(), "nothing was evaluated"
     damaged = tmp_path / "damaged-run"
     damaged.mkdir()
     (damaged / "student.safetensors").write_bytes(b"")

@@ -433,6 +433,10 @@ def run_eval(
     out_dir = Path(out_dir)
     for entry in datasets:
         _check_head(entry)
+    from mmtard.models import ModelSpec, check_model_source
+
+    for model in models:  # every row's weights before the first attack: not hours into the table
+        check_model_source(ModelSpec(model.arch, model.weights))
     rows, cache, digests = {}, {}, {}
     warnings_seen: list[str] = []
     for model in models:

@@ -119,26 +119,44 @@ def strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return state
 
 
-def read_weights_file(path: str | Path) -> object:
-    """What a safetensors or weights-only torch file holds (a dict of tensors, or a checkpoint
-    dict that wraps one), read without ever unpickling code. The format is told by the file's
-    first bytes, not its name: a safetensors file saved as ``.pt`` loads, and a file that is
-    neither (a text or HTML page saved under a weights name) is named as such."""
+def weights_format(path: str | Path) -> str:
+    """``safetensors`` or ``torch``, from the file's first bytes; a missing file, or one in neither
+    format, is refused by name. Cheap: a check of every weights file before long work starts."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"weight file not found: {path}")
     with open(path, "rb") as handle:
         head = handle.read(9)
     if len(head) == 9 and head[8:9] == b"{":  # an 8-byte header length, then the JSON header
+        return "safetensors"
+    if head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or its legacy pickle
+        return "torch"
+    raise ModelError(f"cannot read weight file {path}: it is neither a safetensors nor a torch file "
+                     f"(it starts with {head!r})")
+
+
+def check_model_source(spec: ModelSpec) -> None:
+    """Refuse an unknown architecture, or a local weights file that is missing or in no weights
+    format, without building the model (tags and hub ids are checked when loaded)."""
+    register_tiny_models()
+    _check_model_name(spec.name)
+    if spec.pretrained and _is_weight_file(str(spec.pretrained)):
+        weights_format(spec.pretrained)
+
+
+def read_weights_file(path: str | Path) -> object:
+    """What a safetensors or weights-only torch file holds (a dict of tensors, or a checkpoint
+    dict that wraps one), read without ever unpickling code. The format is told by the file's
+    first bytes, not its name: a safetensors file saved as ``.pt`` loads, and a file that is
+    neither (a text or HTML page saved under a weights name) is named as such."""
+    path = Path(path)
+    if weights_format(path) == "safetensors":
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path), device="cpu")
         except Exception as exc:  # safetensors raises its own error types
             raise ModelError(f"cannot read safetensors file {path}: {exc}") from exc
-    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or its legacy pickle
-        raise ModelError(f"cannot read weight file {path}: it is neither a safetensors nor a torch file "
-                         f"(it starts with {head!r})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
