@@ -363,6 +363,26 @@ def test_eval_and_report_refusals(world_dir, tmp_path, capsys):
              f"report input {tmp_path / 'nothing'} does not exist")
 
 
+def test_runs_of_the_same_folder_name_are_told_apart_by_name(tmp_path):
+    from argparse import Namespace
+
+    from mmtard.cli import _eval_models
+
+    runs = [tmp_path / "a" / "run", tmp_path / "b" / "run"]
+    for run in runs:
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text("student: {name: mmtard-tiny-vit}\n")
+        (run / "student.safetensors").write_bytes(b"")
+    args = Namespace(model=["mmtard-tiny-vit"], pretrained=[], run=[str(r) for r in runs], name=[])
+    with pytest.raises(ConfigError, match="both be row 'run'; name them with --name"):
+        _eval_models(args)
+    args.name = ["random", "first", "second"]
+    assert [m.row for m in _eval_models(args)] == ["random", "first", "second"]
+    args.name = ["random", "first"]
+    with pytest.raises(ConfigError, match=r"one per --model and then per --run \(3 in all\); got 2"):
+        _eval_models(args)
+
+
 def test_disk_full_while_writing_results_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
     """results.json, config.yaml, run.json and report.md go through the same atomic write as the
     checkpoints: a failed write names the file, leaves no temporary file and keeps the old one."""

@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="clean and AutoAttack zero-shot accuracy -> results.json")
     ev.add_argument("--model", action="append", default=[], help="open_clip model name (repeatable, pairs with --pretrained)")
     ev.add_argument("--pretrained", action="append", default=[], help="weights for the matching --model: file or tag")
-    ev.add_argument("--name", action="append", default=[], help="row name for the matching --model")
+    ev.add_argument("--name", action="append", default=[],
+                    help="row names: one per --model, then optionally one per --run (default: the file or folder name)")
     ev.add_argument("--run", action="append", default=[], help="a training run folder (its student is evaluated)")
     ev.add_argument("--dataset", action="append", default=[], required=True,
                     help="NAME=ROOT: imagenet=PATH, world=DIR (all world sets), a clip-benchmark name=ROOT")
@@ -149,24 +150,30 @@ def _eval_models(args: argparse.Namespace) -> list:
     """--model/--pretrained/--name triplets and --run folders -> table rows."""
     from mmtard.evaluate import ModelEntry
 
-    if len(args.pretrained) not in (0, len(args.model)) or len(args.name) not in (0, len(args.model)):
-        raise ConfigError("give one --pretrained (and optionally one --name) per --model")
+    if len(args.pretrained) not in (0, len(args.model)):
+        raise ConfigError("give one --pretrained per --model (or none)")
+    named = len(args.model) + len(args.run)
+    if len(args.name) not in (0, len(args.model), named):
+        raise ConfigError(f"give one --name per --model, or one per --model and then per --run ({named} in all); "
+                          f"got {len(args.name)}")
+    names = iter(args.name)
     models = []
     for i, arch in enumerate(args.model):
         weights = args.pretrained[i] if args.pretrained else None
-        name = args.name[i] if args.name else (Path(weights).stem if weights else arch)
+        name = next(names, None) or (Path(weights).stem if weights else arch)
         models.append(ModelEntry(name, arch, weights, undefended=name == "undefended"))
     for run in map(Path, args.run):
         config, weights = run / "config.yaml", run / "student.safetensors"
         if not (config.is_file() and weights.is_file()):
             raise ConfigError(f"--run {run}: expected a finished run folder with config.yaml and student.safetensors")
-        models.append(ModelEntry(run.name, _run_student_name(config), str(weights)))
+        models.append(ModelEntry(next(names, None) or run.name, _run_student_name(config), str(weights)))
     if not models:
         raise ConfigError("give at least one --model or --run")
     rows = [m.row for m in models]
     duplicates = sorted({r for r in rows if rows.count(r) > 1})
     if duplicates:
-        raise ConfigError(f"mmtard eval: two models would both be row '{duplicates[0]}'; name them with --name")
+        raise ConfigError(f"two models would both be row '{duplicates[0]}'; name them with --name (one per --model, "
+                          "then one per --run)")
     return models
 
 
