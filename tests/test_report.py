@@ -109,6 +109,16 @@ def test_report_of_training_run_only(inputs, tmp_path):
     assert "## Training" in text and (tmp_path / "out" / "training_run.png").stat().st_size > 1000
 
 
+def test_a_metrics_file_with_bytes_that_are_not_utf8_still_plots(inputs, tmp_path):
+    from mmtard.report import read_metrics
+
+    with open(inputs[2] / "metrics.csv", "ab") as handle:  # a damaged sector
+        handle.write(b"\xff\xfe,0.1\n")
+    series = read_metrics(inputs[2])
+    assert len(series["loss"]) == 20 and len(series["loss_robust"]) == 20  # the damaged row adds nothing readable
+    assert "## Training" in run_report([inputs[2]], tmp_path / "out").read_text()
+
+
 def test_report_refuses_missing_or_unknown_inputs(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         run_report([tmp_path / "nope"], tmp_path / "out")

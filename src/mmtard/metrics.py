@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
-import os
 import shutil
 from pathlib import Path
+
+from mmtard.checkpoint import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,9 @@ class MetricsWriter:
 
     def _truncate_after(self, step: int) -> None:
         rows: list[dict] = []
-        with open(self.path, newline="") as handle:
+        # bytes that are not UTF-8 (a damaged sector) read as U+FFFD, which no number parses: the
+        # damaged-row path below handles them as any other damage
+        with open(self.path, newline="", encoding="utf-8", errors="replace") as handle:
             try:
                 rows.extend(csv.DictReader(handle))
             except csv.Error:  # unreadable from here on: an empty row marks where
@@ -63,13 +67,12 @@ class MetricsWriter:
         self._rewrite(list(rows[0].keys()), kept)
 
     def _rewrite(self, columns: list[str], rows: list[dict]) -> None:
-        """The file as ``columns`` and ``rows``, through a temporary file: a kill loses nothing."""
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.path)
+        """The file as ``columns`` and ``rows``, written atomically: a kill loses nothing."""
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(text.getvalue(), self.path)
         self.columns = columns
 
     def write(self, step: int, values: dict[str, float]) -> None:
@@ -78,9 +81,9 @@ class MetricsWriter:
             self._rewrite(list(row.keys()), [])
         new = [k for k in row if k not in self.columns]
         if new:  # a term this run did not log before (e.g. resumed by a newer version): widen the file
-            with open(self.path, newline="") as handle:
+            with open(self.path, newline="", encoding="utf-8") as handle:
                 self._rewrite(self.columns + new, list(csv.DictReader(handle)))
-        with open(self.path, "a", newline="") as handle:
+        with open(self.path, "a", newline="", encoding="utf-8") as handle:
             csv.DictWriter(handle, fieldnames=self.columns).writerow({k: row.get(k, "") for k in self.columns})
         if self.tb is not None:
             for key, value in values.items():

@@ -58,10 +58,12 @@ def _classify_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[Pat
 def read_metrics(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
     """Numeric columns of a run's metrics.csv as (step, value) series; blank cells skipped."""
     series: dict[str, list[tuple[float, float]]] = {}
-    with open(run_dir / METRICS_NAME, newline="", encoding="utf-8") as handle:
+    # undecodable bytes (a damaged file) read as U+FFFD: their cells parse as no number and are skipped
+    with open(run_dir / METRICS_NAME, newline="", encoding="utf-8", errors="replace") as handle:
         for i, row in enumerate(csv.DictReader(handle)):
-            step = _number(row.get("step"))
-            step = float(i) if step is None else step
+            step = _number(row.get("step")) if "step" in row else float(i)
+            if step is None:  # a damaged row: its values belong to no known step
+                continue
             for key, text in row.items():
                 value = _number(text)
                 if key and key != "step" and value is not None:
