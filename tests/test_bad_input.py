@@ -19,7 +19,7 @@ import torch
 
 from mmtard.cli import main
 from mmtard.config import load_config, save_config
-from mmtard.errors import ConfigError
+from mmtard.errors import ConfigError, DataError
 from mmtard.models import ModelSpec, create_clip, export_open_clip
 from test_trainer import tiny_overrides
 
@@ -155,6 +155,16 @@ def test_data_file_and_pattern_refusals(config_file, world_dir, tmp_path, capsys
              "Cannot expand the shard pattern")
 
 
+def test_global_options_may_follow_the_command(config_file, world_dir, tmp_path, capsys):
+    """`mmtard distill --debug ...` as well as `mmtard --debug distill ...`; a data root that is a
+    file is named as one."""
+    args = _distill(config_file, tmp_path / "run", world_dir, "data.source=imagefolder", f"data.root={config_file}")
+    args.remove("-q")
+    _refused(capsys, args[:1] + ["-q"] + args[1:], f"Dataset folder {config_file} is a file, not a folder")
+    with pytest.raises(DataError):
+        main(args[:1] + ["--debug"] + args[1:])
+
+
 def test_debug_lets_the_traceback_through(config_file, tmp_path):
     with pytest.raises(ConfigError, match="unknown key 'stpes'"):
         main(["--debug", "distill", "--config", str(config_file), "--out", str(tmp_path / "r"), "train.stpes=3"])
@@ -208,7 +218,7 @@ def test_unreadable_image_with_strict_data(damage, workers, config_file, world_d
     bad.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"this is not a PNG file")
     extra = ["data.source=imagefolder", f"data.root={root}", "data.strict=true", f"data.num_workers={workers}"]
     _refused(capsys, _distill(config_file, tmp_path / "run", world_dir, *extra),
-             f"Cannot read image {bad}", "strict=False")
+             f"Cannot read image {bad}", "data.strict=false skips unreadable files")
 
 
 def test_class_list_that_does_not_match_the_world(config_file, world_dir, tmp_path, capsys):
@@ -361,6 +371,10 @@ def test_eval_and_report_refusals(world_dir, tmp_path, capsys):
                  str(damaged / "config.yaml"), part)
     _refused(capsys, ["report", str(tmp_path / "nothing"), "--out", str(tmp_path / "rep")],
              f"report input {tmp_path / 'nothing'} does not exist")
+    (tmp_path / "notes.yaml").write_text("a: 1\n")
+    _refused(capsys, ["report", str(tmp_path / "notes.yaml"), "--out", str(tmp_path / "rep")],
+             f"report input {tmp_path / 'notes.yaml'} is not a results.json file or a folder")
+    assert not (tmp_path / "rep").exists(), "a refused report leaves no --out folder behind"
 
 
 def test_runs_of_the_same_folder_name_are_told_apart_by_name(tmp_path):

@@ -38,8 +38,7 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmtard", description="Multi-teacher adversarial distillation for robust CLIP.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for refused input")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    _add_global_args(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="the whole method end to end on the offline world (CPU, minutes)")
@@ -96,7 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--size", default="demo", choices=["test", "quick", "demo"],
                        help="images per class: test (tiny), quick, demo (default: %(default)s)")
     world.add_argument("--image-size", type=int, default=48, help="side of the square images (default: %(default)s)")
+    for command in sub.choices.values():  # also after the command: `mmtard distill --debug ...`
+        _add_global_args(command, default=argparse.SUPPRESS)
     return parser
+
+
+def _add_global_args(parser: argparse.ArgumentParser, default: object) -> None:
+    """``--debug`` and ``-q``; a command's copies default to SUPPRESS, so that leaving them out
+    after the command keeps what was given before it."""
+    parser.add_argument("--debug", action="store_true", default=default, help="show tracebacks for refused input")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default, help="only warnings and errors")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

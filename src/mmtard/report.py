@@ -49,8 +49,9 @@ def _classify_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[Pat
             if not found:
                 raise DataError(f"{path} holds neither {RESULTS_NAME} nor {METRICS_NAME}")
         else:
+            problem = "is not a results.json file or a folder" if path.exists() else "does not exist"
             raise DataError(
-                f"report input {path} does not exist (give results folders, results.json files or run folders)"
+                f"report input {path} {problem} (give results folders, results.json files or run folders)"
             )
     return results, runs
 
@@ -306,10 +307,10 @@ def run_report(inputs: Sequence[str | Path], out_dir: str | Path) -> Path:
     """
     if not inputs:
         raise DataError("run_report needs at least one input (results folder/file or run folder)")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     result_files, runs = _classify_inputs(inputs)
     results = merge_results(result_files) if result_files else None
+    out_dir = Path(out_dir)  # made only once the inputs are read: a refusal leaves nothing behind
+    out_dir.mkdir(parents=True, exist_ok=True)
     lines = ["# mmtard report", "", f"Created {now_iso()} from: " + ", ".join(str(Path(p)) for p in inputs), ""]
     if results is not None:
         lines += _results_section(results, out_dir)

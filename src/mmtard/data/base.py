@@ -214,5 +214,6 @@ def require_dir(path: Path, layout: str) -> Path:
     """Returns ``path`` if it is a folder, else raises a DataError showing ``layout``."""
     path = Path(path)
     if not path.is_dir():
-        raise DataError(f"Dataset folder {path} does not exist. Expected layout: {layout}")
+        problem = "is a file, not a folder" if path.exists() else "does not exist"
+        raise DataError(f"Dataset folder {path} {problem}. Expected layout: {layout}")
     return path

@@ -204,6 +204,6 @@ class SkipLog:
 def corrupt_error(path: str | Path, exc: BaseException) -> DataError:
     """The strict-mode error for an unreadable image."""
     return DataError(
-        f"Cannot read image {path}: {type(exc).__name__}: {exc}. Remove or replace the file, or load "
-        "the dataset with strict=False to skip unreadable files."
+        f"Cannot read image {path}: {type(exc).__name__}: {exc}. Remove or replace the file (training "
+        "data: data.strict=false skips unreadable files)."
     )

@@ -61,8 +61,8 @@ def _scan_shard(path: str, strict: bool) -> tuple[list[tuple[int, int, int, str]
     try:
         tar = tarfile.open(path, mode="r:")  # "r:" refuses compressed tars: they have no random access
     except tarfile.ReadError as exc:
-        raise DataError(f"Shard {path} is not an uncompressed tar ({exc}); training reads shards by "
-                        f"random access, which needs plain .tar files. Expected {CLASS_SHARD_LAYOUT}.") from exc
+        raise DataError(f"Shard {path} is not an uncompressed tar ({exc}); shards are read by random access, "
+                        f"which needs plain .tar files. Expected {CLASS_SHARD_LAYOUT}.") from exc
     with tar:
         groups: dict[str, dict[str, tarfile.TarInfo]] = {}
         try:
