@@ -68,7 +68,7 @@ CONFIG_CASES = {
     "unknown compile mode": (["train.compile=true", "train.compile_mode=foo"], ["train.compile_mode: 'foo'",
                                                                                "reduce-overhead"]),
     "template without a class slot": (['data.templates=["a photo"]'],
-                                      ["data.templates[0]: 'a photo' must have exactly one class slot {}; it has none"]),
+                                      ["data.templates[0]: 'a photo' must have exactly one class slot {}", "it has none"]),
     "template with a named slot": (['data.templates=["a photo of a {c}"]'], ["data.templates[0]", "it has {c}"]),
     "template with two slots": (['data.templates=["{} and {}"]'], ["data.templates[0]", "it has {}, {}"]),
     "list expected": (["data.templates=a photo"], ["data.templates", "expected a list"]),
@@ -125,6 +125,10 @@ def test_config_file_refusals(tmp_path, capsys):
     teacher_method.write_text("method: {name: ard}\nteachers: [{name: mmtard-tiny-vit}]\n")
     _refused(capsys, ["train-teacher", "--config", str(teacher_method), "--out", str(tmp_path / "r")],
              "train-teacher trains with", "'ard'", "mmtard distill")
+    merged = tmp_path / "merged.yaml"  # a merge key is no duplicate, and a key after it overrides it
+    merged.write_text("student: {name: mmtard-tiny-vit}\nmethod: {name: tecoa}\nteachers: []\n"
+                      "train:\n  <<: {steps: 3, lr: 0.5}\n  steps: 4\n")
+    assert (load_config(merged).train.steps, load_config(merged).train.lr) == (4, 0.5)
     twice = tmp_path / "twice.yaml"
     twice.write_text("train: {steps: 1, lr: 0.5}\ntrain: {steps: 2}\n")  # the first lr would vanish
     _refused(capsys, ["distill", "--config", str(twice), "--out", str(tmp_path / "r")],

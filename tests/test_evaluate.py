@@ -245,7 +245,7 @@ def test_resume_after_interruption_gives_identical_numbers(trained_weights, tmp_
     assert again == []
 
 
-@pytest.mark.parametrize("damage", ["cut lists", "not an object", "cut file"])
+@pytest.mark.parametrize("damage", ["cut lists", "not an object", "cut file", "not UTF-8"])
 def test_a_damaged_record_is_evaluated_again(trained_weights, tmp_path, caplog, damage):
     """A per-sample record only saves work: one edited by hand or cut short is started again, never
     read with its missing samples counted as done (nor stopped on with a raw TypeError)."""
@@ -259,8 +259,10 @@ def test_a_damaged_record_is_evaluated_again(trained_weights, tmp_path, caplog, 
         path.write_text(json.dumps(record))
     elif damage == "not an object":
         path.write_text(json.dumps([record]))
-    else:
+    elif damage == "cut file":
         path.write_text(path.read_text()[:200])
+    else:
+        path.write_bytes(b'{"arch": "\xff"}')
     calls = []
     with caplog.at_level("WARNING"):
         again = run_eval([_row(trained_weights)], [_entry(40)], out_dir=tmp_path, on_batch=lambda *a: calls.append(a),
@@ -395,6 +397,9 @@ def test_an_unreadable_results_file_is_moved_aside_not_overwritten(tmp_path):
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(written)) and set(on_disk["models"]) == {"a"}
     assert any("moved to results.json.unreadable.1" in w for w in on_disk["warnings"])
+    (tmp_path / "results.json").write_bytes(b'{"models": "\xff"}')  # not even UTF-8
+    _write_results(tmp_path, rows, AttackSpec(), [1 / 255], [])
+    assert (tmp_path / "results.json.unreadable.2").read_bytes() == b'{"models": "\xff"}'
 
 
 def test_evaluations_writing_into_one_folder_at_once_keep_every_row(tmp_path, monkeypatch):

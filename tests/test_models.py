@@ -148,6 +148,10 @@ def test_a_weights_file_is_read_by_its_content_not_its_name(tmp_path):
     for name in ("page.pt", "hello.safetensors"):
         with pytest.raises(ModelError, match=f"{name}: it is neither a safetensors nor a torch file"):
             read_weights_file(tmp_path / name)
+    from mmtard.models import ACTIVATION_METADATA, _file_metadata
+
+    exported = export_open_clip(_clip(seed=1), tmp_path / "student.pt")  # its recorded activation is read too
+    assert ACTIVATION_METADATA in _file_metadata(exported)
     torch.save(state, tmp_path / "whole.pt")
     whole = (tmp_path / "whole.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(whole[: len(whole) // 2])

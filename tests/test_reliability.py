@@ -193,10 +193,12 @@ def test_metrics_file_widens_for_new_terms_and_survives_a_damaged_row(tmp_path, 
         MetricsWriter(tmp_path, resume_step=4, tensorboard=False).write(5, {"loss": 0.4, "lr": 0.1})
     assert "line 5 is damaged" in caplog.text and (tmp_path / "metrics.csv.damaged").exists()
     assert [r["step"] for r in rows()] == ["1", "2", "3", "5"]
-    with open(tmp_path / "metrics.csv", "ab") as handle:  # bytes that are not UTF-8: a damaged sector
-        handle.write(b"\xff\xfe6,0.3,0.1\n")
-    MetricsWriter(tmp_path, resume_step=9, tensorboard=False)
-    assert [r["step"] for r in rows()] == ["1", "2", "3", "5"]
+    for n, damage in enumerate((b"\xff\xfe6,0.3,0.1\n", b"6,0.\xff3,0.1\n"), start=1):  # a damaged sector
+        with open(tmp_path / "metrics.csv", "ab") as handle:
+            handle.write(damage)
+        MetricsWriter(tmp_path, resume_step=9, tensorboard=False)
+        assert [r["step"] for r in rows()] == ["1", "2", "3", "5"]
+        assert (tmp_path / f"metrics.csv.damaged.{n}").read_bytes().endswith(damage), "kept as it was"
     for cut in ("6,0.3", "6,0.3,0.1,7", "3,0.3,0.1"):  # fields lost or extra, or a step cut to an earlier one
         with open(tmp_path / "metrics.csv", "a") as handle:
             handle.write(cut + "\n")

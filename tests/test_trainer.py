@@ -397,6 +397,31 @@ def test_a_fresh_start_drops_the_cache_a_run_killed_before_its_first_checkpoint_
     assert trainer.resume_from is None and not any(cache.glob("teacher*"))
 
 
+def test_a_force_killed_while_deleting_checkpoints_leaves_none_to_resume(world_dir, tmp_path, monkeypatch):
+    """--force with config B over a run of config A, killed while the old checkpoints are deleted:
+    A's command must not then resume one of them (config.yaml still says A)."""
+    import shutil
+
+    from mmtard import runs
+
+    a = tiny_overrides(world_dir, steps=3, **{"attack.steps": 0, "train.ckpt_every": 1})
+    b = a + ["train.lr=0.002"]
+    _interrupt_after(a, tmp_path / "run", 2, monkeypatch)
+    rmtree = shutil.rmtree
+
+    def killed_inside(path, *args, **kwargs):
+        if Path(path).name == ".checkpoints.deleting":
+            raise KeyboardInterrupt
+        return rmtree(path, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runs.shutil, "rmtree", killed_inside)
+        with pytest.raises(KeyboardInterrupt):
+            Trainer(load_config(None, b), tmp_path / "run", force=True, show_progress=False)
+    trainer = Trainer(load_config(None, a), tmp_path / "run", show_progress=False)
+    assert trainer.resume_from is None and not (tmp_path / "run" / ".checkpoints.deleting").exists()
+
+
 def test_resuming_over_changed_training_data_is_refused(world_dir, tmp_path, monkeypatch):
     """A checkpoint's data position counts into one listing of the samples; over another (an image
     removed between the sessions) it would silently train on other images."""
@@ -409,9 +434,23 @@ def test_resuming_over_changed_training_data_is_refused(world_dir, tmp_path, mon
     overrides = tiny_overrides(world, steps=2, **{"attack.steps": 0})
     _interrupt_after(overrides, tmp_path / "run", 1, monkeypatch)
     sorted((world / "classification" / "train").rglob("*.png"))[0].unlink()
-    with pytest.raises(DataError, match=r"changed since .*step_00000001.pt was written \(240 samples, listing \w+ "
-                                        r"then; 239, \w+ now\)"):
+    with pytest.raises(DataError, match=r"changed since .*step_00000001.pt was written \(240 samples, listing \w+, "
+                                        r"class names (\w+) then; 239, \w+, \1 now\)"):
         Trainer(load_config(None, overrides), tmp_path / "run", show_progress=False).train()
+    # the same images under other class names (the heads were built from the old ones)
+    from mmtard import checkpoint as ckpt
+
+    shutil.rmtree(world)
+    shutil.copytree(world_dir, world)
+    (_, path), = ckpt.list_checkpoints(tmp_path / "run")
+    state = ckpt.load_checkpoint(path)
+    state["data"]["classes"] = "0123456789ab"
+    ckpt.atomic_save(state, path)
+    with pytest.raises(DataError, match=r"class names 0123456789ab then; 240, \w+, \w+ now"):
+        Trainer(load_config(None, overrides), tmp_path / "run", show_progress=False).train()
+    del state["data"]["classes"]  # as an earlier version wrote it: what it lacks is not compared
+    ckpt.atomic_save(state, path)
+    Trainer(load_config(None, overrides), tmp_path / "run", show_progress=False).train()
 
 
 def test_a_run_killed_while_it_sets_up_leaves_a_folder_the_same_command_takes_up(world_dir, tmp_path, monkeypatch):

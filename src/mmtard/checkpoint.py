@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import logging
 import os
 import pickle
@@ -88,6 +89,13 @@ def exclusive_lock(path: str | Path) -> Iterator[None]:
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
+
+
+def unused_name(path: Path) -> Path:
+    """``path``, or ``path.1``, ``path.2``... whichever does not exist yet: where a damaged file is
+    kept aside without replacing one kept earlier."""
+    return next(c for c in (path.with_name(f"{path.name}.{n}") if n else path for n in itertools.count())
+                if not c.exists())
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:

@@ -311,6 +311,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`, flattened by the base class
+                continue
             key = self.construct_object(key_node, deep=deep)
             if not isinstance(key, typing.Hashable):  # the base class names that error
                 continue
@@ -400,7 +402,7 @@ def _check_ranges(config: Config) -> None:
     train, data = config.train, config.data
     at_least = {"train.log_every": (train.log_every, 1), "train.ckpt_every": (train.ckpt_every, 1),
                 "train.keep_checkpoints": (train.keep_checkpoints, 1), "train.lr": (train.lr, 0.0),
-                "train.weight_decay": (train.weight_decay, 0.0), "train.grad_clip": (train.grad_clip, 0.0),
+                "train.weight_decay": (train.weight_decay, 0.0),
                 "data.num_workers": (data.num_workers, 0)}
     if train.lora:
         at_least.update({"train.lora_rank": (train.lora_rank, 1), "train.lora_alpha": (train.lora_alpha, 1)})
@@ -423,15 +425,17 @@ def _check_ranges(config: Config) -> None:
 
 
 def check_class_template(template: str, where: str) -> None:
-    """A zero-shot prompt template must have exactly one class slot ``{}`` (and format cleanly):
+    """A zero-shot prompt template must have exactly one class slot ``{}`` (or ``{0}``, repeatable)
+    and format cleanly:
     without one, every class gets the same prompt and the zero-shot head cannot tell them apart."""
     try:
         fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as exc:
         raise ConfigError(f"{where}: {template!r} is not a format string ({exc})") from None
-    if fields != [""]:
+    if fields != [""] and (not fields or set(fields) != {"0"}):  # "{0}" may repeat: one class name
         found = ", ".join("{" + name + "}" for name in fields) or "none"
-        raise ConfigError(f"{where}: {template!r} must have exactly one class slot {{}}; it has {found}")
+        raise ConfigError(f"{where}: {template!r} must have exactly one class slot {{}} (or {{0}}, which may "
+                          f"repeat); it has {found}")
     try:
         template.format("x")
     except (ValueError, IndexError, KeyError, AttributeError) as exc:

@@ -21,7 +21,6 @@ distributed evaluation gives exactly the single-process numbers.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -36,7 +35,7 @@ from tqdm.auto import tqdm
 
 from mmtard.attacks import format_eps, parse_eps
 from mmtard.autoattack import AttackSpec, robust_flags, strict_fp32
-from mmtard.checkpoint import exclusive_lock
+from mmtard.checkpoint import exclusive_lock, unused_name
 from mmtard.dataset_digest import dataset_digest, same_data
 from mmtard.distributed import all_gather_object, current_env, run_on_main
 from mmtard.errors import ConfigError, DataError, MmtardError
@@ -134,7 +133,7 @@ def _open_record(path: Path, fresh: dict, data_digest: Callable[[str], str | Non
         return new_record()
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         old = None
     if not _whole_record(old):  # a record only saves work: a damaged one is done again
         log.warning("%s is unreadable or incomplete; starting it again", path)
@@ -485,18 +484,12 @@ def _write_results(out_dir: Path, rows: dict, spec: AttackSpec, eps: list[float]
         return _merge_results(path, rows, spec, eps, warnings_seen)
 
 
-def _unused_name(path: Path) -> Path:
-    """``path``, or ``path.1``, ``path.2``... whichever does not exist yet."""
-    return next(c for c in (path.with_name(f"{path.name}.{n}") if n else path for n in itertools.count())
-                if not c.exists())
-
-
 def _merge_results(path: Path, rows: dict, spec: AttackSpec, eps: list[float], warnings_seen: list[str]) -> dict:
     if path.is_file():  # rows and datasets evaluated earlier into the same folder stay; this run's win
         try:
             old = load_results(path)
         except DataError as exc:  # its rows are not lost: kept aside, and the new file says where
-            aside = _unused_name(path.with_name(f"{path.name}.unreadable"))
+            aside = unused_name(path.with_name(f"{path.name}.unreadable"))
             os.replace(path, aside)
             warnings_seen.append(f"the earlier {path.name} could not be read ({exc}); it was moved to {aside.name} "
                                  "and its rows are not in this file")

@@ -8,7 +8,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from mmtard.checkpoint import atomic_write_text
+from mmtard.checkpoint import atomic_write_text, unused_name
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +49,14 @@ class MetricsWriter:
             try:  # a row cut short by a crash of the machine lacks fields, or has a cut step number
                 if None in row or None in row.values():
                     raise ValueError("wrong number of fields")
+                if any("\ufffd" in value for value in row.values()):
+                    raise ValueError("bytes that are not UTF-8")
                 row_step = int(float(row["step"]))
                 if last_step is not None and row_step <= last_step:
                     raise ValueError("step out of order")
                 last_step = row_step
             except (KeyError, TypeError, ValueError):
-                damaged = self.path.with_name(f"{self.path.name}.damaged")
+                damaged = unused_name(self.path.with_name(f"{self.path.name}.damaged"))
                 shutil.copyfile(self.path, damaged)
                 log.warning("%s: line %d is damaged; it and the lines after it are dropped (the file as it "
                             "was is kept in %s)", self.path, line, damaged)

@@ -245,8 +245,12 @@ _warned_activation: set[str] = set()  # architectures whose files' activation wa
 
 
 def _file_metadata(path: Path) -> dict[str, str]:
-    """The metadata of a safetensors file (empty for other formats and unreadable files)."""
-    if path.suffix != ".safetensors" or not path.is_file():
+    """The metadata of a safetensors file, whatever its name (empty for other formats and
+    unreadable files)."""
+    try:
+        if weights_format(path) != "safetensors":
+            return {}
+    except ModelError:  # missing or in no format: the load itself names the file
         return {}
     from safetensors import safe_open
 
@@ -415,6 +419,20 @@ def train_only_image_tower(clip: nn.Module) -> None:
         parameter.requires_grad_(True)
 
 
+def _umask() -> int:
+    """The process's file-creation mask, read without changing it where Linux shows it (setting it
+    to read it back would briefly give files other threads create at that moment the wrong mode)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def export_open_clip(clip: nn.Module, path: str | Path) -> Path:
     """Write a full CLIP as one safetensors file that
     ``open_clip.create_model_and_transforms(name, pretrained=path)`` loads back unchanged (with
@@ -435,9 +453,7 @@ def export_open_clip(clip: nn.Module, path: str | Path) -> Path:
                 ACTIVATION_METADATA: json.dumps(uses_quick_gelu(clip))}
     try:
         save_file(state, str(tmp), metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600: other accounts could not read a student
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600: other accounts could not read a student
         durable_replace(tmp, path)
     except Exception as exc:  # OSError (disk full) or safetensors' own error type
         tmp.unlink(missing_ok=True)

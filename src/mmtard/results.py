@@ -194,7 +194,7 @@ def load_results(path: str | Path) -> dict:
         raise DataError(f"no results file at {path} (expected a results.json or a folder holding one)")
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path} is not valid JSON: {exc}") from exc
     try:
         return validate_results(obj)

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -134,14 +135,19 @@ def start_fresh(run_dir: Path, config: Config, force: bool) -> None:
     config has built its models and data, so that a bad config deletes nothing. The new config
     replaces the old one in place, never after a gap: a kill at any point leaves DIR a run folder
     that the same command takes up again."""
-    import shutil
-
+    doomed = run_dir / ".checkpoints.deleting"
     if force:
-        for name in ("checkpoints", "tensorboard"):
-            shutil.rmtree(run_dir / name, ignore_errors=True)
+        # out of sight in one rename first: a kill inside the deletion must not leave an older
+        # checkpoint that a later run without --force would resume with the old config
+        if (run_dir / "checkpoints").exists():
+            if doomed.exists():  # left by a kill in an earlier clearing
+                shutil.rmtree(doomed, ignore_errors=True)
+            os.replace(run_dir / "checkpoints", doomed)
+        shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
         for name in (FINISHED_MARKER, "metrics.csv", "run.json"):
             (run_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(run_dir / "cache", ignore_errors=True)
+    for name in (doomed.name, "cache"):  # what a kill in an earlier clearing left, and the cache
+        shutil.rmtree(run_dir / name, ignore_errors=True)
     save_config(config, run_dir / "config.yaml")
 
 

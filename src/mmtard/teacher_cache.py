@@ -117,14 +117,15 @@ class CleanTeacherCache(TeacherEmbeddingCache):
     ranks of node ``node``; rows are filled on first sight and read afterwards."""
 
     def __init__(self, folder: str | Path, sample_ids: Sequence[str], node: int = 0,
-                 teacher_weights: Sequence[str] = ()):
+                 teacher_weights: Sequence[str] = (), digest: str | None = None):
         """``teacher_weights``: per teacher index, a :func:`weights_digest` (indices without one
-        are keyed by sample ids alone)."""
+        are keyed by sample ids alone); ``digest``: :func:`samples_digest` of ``sample_ids`` when
+        the caller has it already (a million ids take a while to hash)."""
         self.folder = Path(folder)
         self.teacher_weights = list(teacher_weights)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.num_samples = len(sample_ids)
-        self.samples = samples_digest(sample_ids)
+        self.samples = digest or samples_digest(sample_ids)
         self.node = node
         self._tables: dict[int, tuple[np.memmap, np.memmap]] = {}
         self.hits = 0

@@ -154,8 +154,10 @@ class Trainer:
         torch.manual_seed(config.train.seed)
 
         self.dataset = build_dataset(config.data)
-        # what the data position of a checkpoint means: resumed over other samples, it would not
-        self.data_listing = {"samples": len(self.dataset), "digest": samples_digest(self.dataset.sample_ids)}
+        # what the data position and the zero-shot heads of a checkpoint mean: resumed over other
+        # samples or class names, they would not
+        self.data_listing = {"samples": len(self.dataset), "digest": samples_digest(self.dataset.sample_ids),
+                             "classes": samples_digest(self.dataset.classnames)}
         self._check_same_dataset_on_every_rank()
         if len(self.dataset) < config.train.global_batch:  # an epoch is made of whole global batches
             raise ConfigError(f"train.global_batch: {config.train.global_batch} is more than the dataset's "
@@ -183,7 +185,7 @@ class Trainer:
             weights = [weights_digest(t.name, t.pretrained) for t in config.teachers]
             self.method.clean_cache = CleanTeacherCache(self.run_dir / "cache" / "clean_teacher",
                                                         self.dataset.sample_ids, node=self.env.node,
-                                                        teacher_weights=weights)
+                                                        teacher_weights=weights, digest=self.data_listing["digest"])
 
     # ------------------------------------------------------------------ set-up helpers
     def _check_same_dataset_on_every_rank(self) -> None:
@@ -240,13 +242,14 @@ class Trainer:
             raise MmtardError(f"{self.resume_from} was written by an older mmtard, before model-forward version 2 "
                               "(QuickGELU for OpenAI-derived weights, the release's bicubic resize); resumed now, the "
                               "run would change its model half-way. Start it again with another --out (or --force)")
-        saved_data = state.get("data", self.data_listing)  # checkpoints of earlier versions lack it
-        if saved_data != self.data_listing:
+        saved = {**self.data_listing, **state.get("data", {})}  # keys an earlier version did not record match
+        if saved != self.data_listing:
             raise DataError(f"the training data under {self.config.data.root} changed since {self.resume_from} was "
-                            f"written ({saved_data['samples']} samples, listing {saved_data['digest']} then; "
-                            f"{self.data_listing['samples']}, {self.data_listing['digest']} now): its data position "
-                            "would point at other images. Restore the data, or start again with another --out "
-                            "(or --force)")
+                            f"written ({saved['samples']} samples, listing {saved['digest']}, class names "
+                            f"{saved['classes']} then; {self.data_listing['samples']}, {self.data_listing['digest']}, "
+                            f"{self.data_listing['classes']} now): its data position would point at other images, or "
+                            "its zero-shot heads name other classes. Restore the data, or start again with another "
+                            "--out (or --force)")
         load_student_weights(self.student, state["student"], self.resume_from or "checkpoint")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
