@@ -49,7 +49,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
-from mmtard.config import ATTENTION_KERNELS, LAST_BLOCKS, PATCH_EMBEDS  # noqa: E402  (after the path set-up)
+from mmtard.config import ATTENTION_KERNELS, COMPILE_MODES, LAST_BLOCKS, PATCH_EMBEDS  # noqa: E402  (after the path set-up)
 
 
 def parse_args(argv=None):
@@ -68,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--precision", default="auto", help="train.precision of (b): auto (bf16 on GPU), bf16, fp32")
     p.add_argument("--compile", default="off", choices=["off", "on", "both"],
                    help="(b) with train.compile: off, on (compiled variants only), both")
-    p.add_argument("--compile-mode", default=None,
+    p.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
                    help="torch.compile mode of the compiled variants, e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--compile-attack", action="store_true",
                    help="after the compiled variants, also compile each whole PGD iteration (train.compile_attack)")
