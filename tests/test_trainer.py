@@ -422,6 +422,23 @@ def test_a_force_killed_while_deleting_checkpoints_leaves_none_to_resume(world_d
     assert trainer.resume_from is None and not (tmp_path / "run" / ".checkpoints.deleting").exists()
 
 
+def test_a_second_run_in_a_folder_that_is_training_is_refused(world_dir, tmp_path):
+    """Two processes in one DIR (a requeued job whose first copy still runs) would overwrite each
+    other's checkpoints; the second is refused, naming the first, and the folder is free again once
+    the first ends. Locks of one process's separate opens conflict as two processes' do."""
+    import os
+
+    from mmtard.errors import MmtardError
+
+    overrides = tiny_overrides(world_dir, steps=1, **{"attack.steps": 0})
+    first = Trainer(load_config(None, overrides), tmp_path / "run", show_progress=False)
+    with pytest.raises(MmtardError, match=f"run is in use by another mmtard run \\(pid {os.getpid()} on "):
+        Trainer(load_config(None, overrides), tmp_path / "run", force=True, show_progress=False)
+    assert (tmp_path / "run" / "config.yaml").exists(), "the refused --force deleted nothing"
+    first.train()
+    Trainer(load_config(None, overrides), tmp_path / "run", force=True, show_progress=False).train()
+
+
 def test_resuming_over_changed_training_data_is_refused(world_dir, tmp_path, monkeypatch):
     """A checkpoint's data position counts into one listing of the samples; over another (an image
     removed between the sessions) it would silently train on other images."""

@@ -7,11 +7,13 @@ folder marked as a run), ``run.json`` (versions, git commit, batch plan), ``metr
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import platform
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -90,6 +92,35 @@ def _probe_writable(run_dir: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise MmtardError(f"cannot write to output folder {run_dir}: {exc.strerror or exc}") from exc
+
+
+class RunLock:
+    """Rank 0's exclusive hold on DIR while a run builds and trains there: a second process on the
+    same folder (a requeued job whose first copy still runs, the same command typed twice) is
+    refused, where the two would overwrite each other's checkpoints and metrics. An advisory lock
+    on ``DIR/.lock``, released when the run ends or its process dies; on a file system without
+    locks the run goes on unguarded."""
+
+    def __init__(self, run_dir: Path):
+        self._handle = os.fdopen(os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o666), "r+")
+        try:
+            fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._handle.read().strip() or "another process"
+            self.release()
+            raise MmtardError(f"{run_dir} is in use by another mmtard run ({holder}); two runs in one folder would "
+                              "overwrite each other's checkpoints. Wait for it to end or stop it, or use another "
+                              "--out") from None
+        except OSError as exc:
+            log.warning("cannot lock %s (%s): nothing stops a second run in the same folder", run_dir, exc)
+        self._handle.truncate(0)
+        self._handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self._handle.flush()
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing the file drops the lock
+            self._handle = None
 
 
 def _check_same_config(run_dir: Path, config: Config, is_main: bool) -> None:

@@ -35,7 +35,7 @@ from mmtard.lora import merged_copy
 from mmtard.metrics import MetricsWriter
 from mmtard.models import export_open_clip
 from mmtard.results import MODEL_FORWARD
-from mmtard.runs import prepare_run_dir, start_fresh, write_run_info
+from mmtard.runs import RunLock, prepare_run_dir, start_fresh, write_run_info
 from mmtard.speed import attention_kernel, check_attention_kernel
 from mmtard.teacher_cache import CleanTeacherCache, samples_digest, weights_digest
 
@@ -143,7 +143,22 @@ class Trainer:
         self.show_progress = show_progress and self.env.is_main
         # Rank 0 alone inspects (and later clears) DIR, then tells every rank which checkpoint to
         # resume from: no rank races the clearing, and all load the same file (DIR is shared storage).
-        self.resume_from = run_on_main(prepare_run_dir, self.run_dir, config, force=force)
+        self._lock: RunLock | None = None
+        self.resume_from = run_on_main(self._claim_run_dir, config, force)
+        try:
+            self._build(config, force)
+        except BaseException:  # a refused or interrupted set-up leaves DIR free for the next command
+            self.close()
+            raise
+
+    def _claim_run_dir(self, config: Config, force: bool) -> Path | None:
+        """On rank 0: decide how to continue in DIR and hold it against a second run."""
+        resume_from = prepare_run_dir(self.run_dir, config, force=force)
+        self._lock = RunLock(self.run_dir)
+        return resume_from
+
+    def _build(self, config: Config, force: bool) -> None:
+        """Data, models, method, optimiser; then (not resuming) DIR cleared for the new run."""
         if self.env.is_main:
             log.info("global batch %d = %d rank(s) x micro-batch %d x accumulation %d (per-rank batch %d)",
                      config.train.global_batch, self.env.world_size, self.plan.micro_batch, self.plan.accumulation,
@@ -170,10 +185,12 @@ class Trainer:
         self.trainable = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=config.train.lr, weight_decay=config.train.weight_decay,
                                            **({"fused": True} if self.device.type == "cuda" else {}))
-        self.warmup = int(config.train.warmup_frac * config.train.steps)
+        self.warmup = warmup = int(config.train.warmup_frac * config.train.steps)
         self.step_lr = float("nan")  # the learning rate of the last step taken (logged)
+        # the schedule holds no reference to the Trainer: an untrained one is freed (and DIR
+        # released) as soon as it is dropped, with no wait for the cycle collector
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: cosine_lr(s, config.train.steps, self.warmup))
+            self.optimizer, lambda s: cosine_lr(s, config.train.steps, warmup))
         self.method.student_forward = self._wrap_ddp(self.student)
         self.step = 0
         self.position = 0  # micro-batches this rank has consumed since the start
@@ -186,6 +203,12 @@ class Trainer:
             self.method.clean_cache = CleanTeacherCache(self.run_dir / "cache" / "clean_teacher",
                                                         self.dataset.sample_ids, node=self.env.node,
                                                         teacher_weights=weights, digest=self.data_listing["digest"])
+
+    def close(self) -> None:
+        """Release DIR (done by :meth:`train` when it ends; for a Trainer that is never trained)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # ------------------------------------------------------------------ set-up helpers
     def _check_same_dataset_on_every_rank(self) -> None:
@@ -309,6 +332,12 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def train(self) -> Path:
         """Train to ``train.steps`` and export the student; returns the exported file."""
+        try:
+            return self._train()
+        finally:
+            self.close()
+
+    def _train(self) -> Path:
         if self.resume_from is not None:
             self.load_state_dict(ckpt.load_checkpoint(self.resume_from))
             log.info("resumed from %s at step %d", self.resume_from, self.step)
