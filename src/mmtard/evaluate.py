@@ -481,10 +481,11 @@ def _write_results(out_dir: Path, rows: dict, spec: AttackSpec, eps: list[float]
     models into the same folder at the same time each keep their rows."""
     path = out_dir / RESULTS_NAME
     with exclusive_lock(out_dir / f".{RESULTS_NAME}.lock"):
-        return _merge_results(path, rows, spec, eps, warnings_seen)
+        return _write_results_locked(path, rows, spec, eps, warnings_seen)
 
 
-def _merge_results(path: Path, rows: dict, spec: AttackSpec, eps: list[float], warnings_seen: list[str]) -> dict:
+def _write_results_locked(path: Path, rows: dict, spec: AttackSpec, eps: list[float],
+                          warnings_seen: list[str]) -> dict:
     if path.is_file():  # rows and datasets evaluated earlier into the same folder stay; this run's win
         try:
             old = load_results(path)

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmtard.data.folders import imagenet_classnames
-from mmtard.data.zeroshot_suite import clip_benchmark_json, suite_key
 from mmtard.checkpoint import atomic_save, first_line
 from mmtard.config import check_class_template
+from mmtard.data.folders import imagenet_classnames
+from mmtard.data.zeroshot_suite import clip_benchmark_json, suite_key
 from mmtard.errors import DataError, MmtardError
 
 log = logging.getLogger(__name__)
