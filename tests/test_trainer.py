@@ -474,8 +474,6 @@ def test_a_run_killed_while_it_sets_up_leaves_a_folder_the_same_command_takes_up
     """Building a Trainer writes into DIR (the clean-teacher cache) before its first step; a kill
     then, or while --force clears an old run, must leave DIR marked as a run folder, not a folder
     of unknown files that every later command refuses."""
-    from mmtard import runs
-
     overrides = tiny_overrides(world_dir, steps=1, **{"attack.steps": 0})
     run = tmp_path / "run"
     Trainer(load_config(None, overrides), run, show_progress=False)  # killed before train()

@@ -184,8 +184,9 @@ def imagenet_folder(
     else:  # a subset (ImageNet-100): its labels count its own folders, named from ImageNet's table
         unknown = sorted(set(ds.class_dirs) - set(imagenet_wnids()))
         if unknown:
-            raise DataError(f"{ds.root}: {len(unknown)} class folders are not ImageNet-1k wnids ({', '.join(unknown[:5])}); "
-                            "remove them, or read the folder as data.source=imagefolder with data.classnames")
+            raise DataError(f"{ds.root}: {len(unknown)} class folders are not ImageNet-1k wnids "
+                            f"({', '.join(unknown[:5])}); remove them, or read the folder as "
+                            "data.source=imagefolder with data.classnames")
         _logger.info("%s: %d of ImageNet-1k's 1000 classes; labels 0..%d follow their sorted wnids",
                      ds.root, len(ds.class_dirs), len(ds.class_dirs) - 1)
     return ds
