@@ -77,7 +77,7 @@ def graph_time_call(fn, device: torch.device, warmup: int, iters: int) -> float 
 
 
 #: mmtard's kernel with other warps per program than short_attention's defaults (forward, backward)
-SHORT_VARIANTS = {"short": None, "short-bwd4": (4, 4)}
+SHORT_VARIANTS = {"short": None, "short-bwd8": (4, 8)}
 
 
 @contextlib.contextmanager
@@ -140,7 +140,7 @@ def attention_call(kernel: str, q, k, v, backward: bool):
 
             short_call.served_by = "short"
             return short_call
-        kernel = "auto"
+        kernel = "torch"
 
     def call():
         with attention_kernel(kernel):
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
         q, k, v = (torch.randn(b, heads, tokens, dim, generator=g).to(device, dtype).requires_grad_(backward)
                    for _ in range(3))
         flops = 4 * b * heads * tokens * tokens * dim * (3.5 if backward else 1.0)
-        kernels = [k for k in ATTENTION_KERNELS if k != "short"] + list(SHORT_VARIANTS)
+        kernels = [k for k in ATTENTION_KERNELS if k not in ("auto", "short")] + list(SHORT_VARIANTS)
         for kernel in kernels:
             try:
                 fn = attention_call(kernel, q, k, v, backward)

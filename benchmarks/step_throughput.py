@@ -82,7 +82,8 @@ def parse_args(argv=None):
                    help="train.last_block of (b): auto = class token alone on a GPU (the reference keeps "
                         "open_clip's full block)")
     p.add_argument("--attention", default="auto", choices=ATTENTION_KERNELS,
-                   help="train.attention of (b): torch's attention kernel (see attention_kernels.py)")
+                   help="train.attention of (b): auto (short on a GPU), torch's choice, mmtard's short-sequence "
+                        "kernel or one of torch's (see attention_kernels.py)")
     p.add_argument("--no-reference", action="store_true", help="skip (a)")
     p.add_argument("--no-eager", action="store_true", help="skip the eager variants of (b)")
     p.add_argument("--check", action="store_true", help="compare the step's loss: fp32 vs bf16 (vs compiled)")
@@ -200,9 +201,9 @@ def build_trainer(args, workdir: Path, compile_: bool):
         train=TrainConfig(steps=10**6, global_batch=args.batch, device=str(args.device), precision=args.precision,
                           log_every=10**6, ckpt_every=10**6, clean_teacher_cache=True, compile=compile_,
                           # open_clip's towers for the reference; main() rewrites them per
-                          # --patch-embed, --last-block and --attention short
+                          # --patch-embed, --last-block and --attention (short, auto on a GPU)
                           patch_embed="conv", last_block="full",
-                          attention="auto" if args.attention == "short" else args.attention),
+                          attention="torch" if args.attention in ("auto", "short") else args.attention),
     )
     validate(config)
     run_dir = workdir / ("run-compiled" if compile_ else "run")
@@ -588,14 +589,14 @@ def main(argv=None) -> int:
             stage("autoattack", time_autoattack, args, trainer.student, device, timer)
         from mmtard import tower_rewrites
 
-        # what train.patch_embed, train.last_block (auto: on a GPU) and train.attention=short do in
+        # what train.patch_embed, train.last_block and train.attention (auto: on a GPU) do in
         # factory.build_method
         towers = tower_rewrites.image_towers(trainer.method)
         if tower_rewrites.wants_matmul_patch_embedding(args.patch_embed, device):
             emit("patch_embed", mode="matmul", towers=tower_rewrites.matmul_patch_embedding(towers))
         if tower_rewrites.wants_class_token_last_block(args.last_block, device):
             emit("last_block", mode="class_token", towers=tower_rewrites.class_token_last_block(towers))
-        if args.attention == "short":
+        if tower_rewrites.wants_short_attention(args.attention, device):
             emit("attention", mode="short", towers=tower_rewrites.short_sequence_attention(towers))
         flops = stage("flops", measure_flops, args, trainer, batches, timer) or {}
         summary = {}

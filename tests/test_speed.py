@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from mmtard.attacks import PGDConfig, pgd, pgd_iteration
 from mmtard.config import TrainConfig, load_config
@@ -15,7 +16,7 @@ from mmtard.errors import ConfigError
 from mmtard.speed import (attention_kernel, check_attention_kernel, compile_attack_iteration, compile_method,
                           input_grad_only)
 from mmtard.tower_rewrites import (ClassTokenBlock, PatchEmbedding, class_token_last_block, image_towers,
-                                   matmul_patch_embedding, wants_class_token_last_block)
+                                   matmul_patch_embedding, wants_class_token_last_block, wants_short_attention)
 from mmtard.trainer import Trainer
 
 TEACHERS = "teachers=[{name: mmtard-small-vit, role: clean}, {name: mmtard-small-vit, role: robust}]"
@@ -383,7 +384,7 @@ def test_train_attention_switch(world_dir, tmp_path):
     assert seen == [("math", True, False), ("auto", True, True)]
     assert torch.backends.cuda.flash_sdp_enabled()  # restored after the step
     with pytest.raises(ConfigError,
-                       match="train.attention: 'fast' is not one of auto, flash, efficient, cudnn, math, short"):
+                       match="train.attention: 'fast' is not one of auto, torch, short, flash, efficient, cudnn, math"):
         load_config(None, _overrides(world_dir, **{"train.attention": "fast"}))
     with pytest.raises(ConfigError, match="train.attention: 'cudnn' needs a CUDA device"):
         Trainer(load_config(None, _overrides(world_dir, **{"train.attention": "cudnn"})), tmp_path / "cudnn",
@@ -396,10 +397,18 @@ def test_train_attention_switch(world_dir, tmp_path):
 
 def test_short_attention_rewrites_the_towers_and_keeps_the_loss(world_dir, tmp_path):
     """train.attention=short gives every tower of at most 64 tokens mmtard's attention module (on a
-    CPU it computes through torch's attention), with the same loss and parameter names."""
+    CPU it computes through torch's attention), with the same loss and parameter names; the
+    default, auto, does so on a GPU only."""
     from mmtard.short_attention import ShortSequenceAttention
 
     plain, batch = _fp32_trainer(world_dir, tmp_path / "plain")
+    assert plain.config.train.attention == "auto"
+    assert all(type(b.attn) is nn.MultiheadAttention for tower in image_towers(plain.method)
+               for b in tower.transformer.resblocks)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert wants_short_attention("auto", cuda) and wants_short_attention("short", cpu)
+    assert not any(wants_short_attention(setting, device) for setting, device in
+                   (("auto", cpu), ("torch", cuda), ("cudnn", cuda), ("flash", cpu)))
     short, _ = _fp32_trainer(world_dir, tmp_path / "short", **{"train.attention": "short"})
     for tower in image_towers(short.method):  # the tiny student and the small teachers: 17 and 37 tokens
         blocks = tower.transformer.resblocks

@@ -134,8 +134,8 @@ def build_method(config: Config, student: CLIPClassifier, teachers: list[Teacher
         tower_rewrites.matmul_patch_embedding(towers)
     if tower_rewrites.wants_class_token_last_block(train.last_block, device):
         tower_rewrites.class_token_last_block(towers)
-    if train.attention == "short":
-        if not tower_rewrites.short_sequence_attention(towers[:1]):  # image_towers lists the student first
+    if tower_rewrites.wants_short_attention(train.attention, device):
+        if not tower_rewrites.short_sequence_attention(towers[:1]) and train.attention == "short":
             log.warning("train.attention=short: the student's image tower is not an open_clip ViT of at most %d "
                         "tokens, so it keeps torch's attention", short_attention.MAX_TOKENS)
         tower_rewrites.short_sequence_attention(towers[1:])

@@ -2,8 +2,9 @@
 
 The student's attention (ViT-B-32 at 224 px: 50 tokens, 12 heads of 64) runs about 130 times per
 training step, 120 of them in the PGD loop with an input gradient. torch's fused kernels are built
-for long sequences: on an H200 they reach about 18 TFLOP/s at 50 tokens (forward + backward, 193 us
-per call at batch 128; ``benchmarks/attention_kernels.py``). A head's whole problem fits in one
+for long sequences: on an H200 they reach about 31 TFLOP/s at 50 tokens (forward + backward,
+112 us per call at batch 128, replayed as a CUDA graph; this kernel: 45 us, and the compiled
+training step 11.7 % faster; ``benchmarks/RESULTS.md``). A head's whole problem fits in one
 program's registers: queries, keys and values are 50 x 64 each, so one program computes the
 scores, the softmax and the output, and the backward recomputes the scores from the saved
 log-sum-exp, as flash attention does, without the tiling and online softmax that long sequences
@@ -32,9 +33,10 @@ from torch import nn
 
 #: the longest sequence the kernel takes (one block of rows); longer ones use torch's attention
 MAX_TOKENS = 64
-#: warps per program (a Hopper warpgroup is 4); not tuned on a GPU yet, so module constants that
-#: ``benchmarks/attention_kernels.py`` varies
-FORWARD_WARPS, BACKWARD_WARPS = 4, 8
+#: warps per program (a Hopper warpgroup is 4), module constants that
+#: ``benchmarks/attention_kernels.py`` varies; on an H200 (eighth session) a backward of 4 warps
+#: took 44.5 us per student call against 51.4 with 8 (forward included, replayed as a CUDA graph)
+FORWARD_WARPS, BACKWARD_WARPS = 4, 4
 _HEAD_DIMS = (16, 32, 64, 128)
 
 try:

@@ -75,7 +75,7 @@ def input_grad_only(module: nn.Module | None) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-_CPU_ATTENTION_KERNELS = ("auto", "flash", "math", "short")  # what a CPU has (short: torch's attention there)
+_CPU_ATTENTION_KERNELS = ("auto", "torch", "short", "flash", "math")  # what a CPU has (short: torch's there)
 _HALF_ONLY_ATTENTION_KERNELS = ("flash", "cudnn")  # on CUDA: fp16/bf16 only
 
 
@@ -105,10 +105,11 @@ def tag_compile_caches(attention: str) -> None:
 
 
 def attention_kernel(name: str) -> contextlib.AbstractContextManager:
-    """Within the block, scaled-dot-product attention runs ``name``'s kernel (``auto``: torch's
-    choice). Every kernel computes the same attention; only the order of the sums differs. The
-    backward runs the kernel the forward chose, so the forward alone needs the block."""
-    if name in ("auto", "short"):  # short: mmtard's own kernel, in the towers (tower_rewrites)
+    """Within the block, scaled-dot-product attention runs ``name``'s kernel (``torch``, ``auto``
+    and ``short``: torch's choice). Every kernel computes the same attention; only the order of the
+    sums differs. The backward runs the kernel the forward chose, so the forward alone needs the
+    block."""
+    if name in ("auto", "torch", "short"):  # short (auto on a GPU): mmtard's kernel, in the towers (tower_rewrites)
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
