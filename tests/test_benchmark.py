@@ -66,13 +66,13 @@ def test_attention_kernel_benchmark_runs():
     timed = {(fields[1], fields[2]) for fields in lines if any(f.startswith("us_per_call=") for f in fields)}
     refused = {(fields[1], fields[2]) for fields in lines if any(f.startswith("refused=") for f in fields)}
     for shape in ("student", "update", "teacher"):
-        assert {(shape, "kernel=auto"), (shape, "kernel=math"), (shape, "kernel=flash")} <= timed
+        assert {(shape, "kernel=torch"), (shape, "kernel=math"), (shape, "kernel=flash")} <= timed
         assert (shape, "kernel=cudnn") in refused  # a CPU has no cuDNN attention: reported, not fatal
     # the step's cost per kernel (calls per step times seconds per call), for kernels serving every shape
     per_call = {(f[1], f[2]): float(next(x for x in f if x.startswith("us_per_call="))[12:]) for f in lines
                 if any(x.startswith("us_per_call=") for x in f)}
     step = {f[2]: float(f[3].split("=")[1]) for f in lines if f[1] == "step_attention"}
-    assert set(step) == {"kernel=auto", "kernel=flash", "kernel=math", "kernel=short", "kernel=short-bwd4"}
+    assert set(step) == {"kernel=torch", "kernel=flash", "kernel=math", "kernel=short", "kernel=short-bwd8"}
     expected = sum(calls * per_call[(shape, "kernel=math")] for shape, calls in
                    (("student", 120), ("update", 12), ("teacher", 24))) / 1e3
     assert step["kernel=math"] == pytest.approx(expected, rel=1e-2, abs=0.02)
