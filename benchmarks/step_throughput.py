@@ -70,6 +70,9 @@ def parse_args(argv=None):
                    help="(b) with train.compile: off, on (compiled variants only), both")
     p.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
                    help="torch.compile mode of the compiled variants, e.g. reduce-overhead (CUDA graphs)")
+    p.add_argument("--update-ab", action="store_true",
+                   help="after the compiled variants, time the cached step again with the attack's update in "
+                        "eager mode (train.compile fuses it into one kernel)")
     p.add_argument("--compile-attack", action="store_true",
                    help="after the compiled variants, also compile each whole PGD iteration (train.compile_attack)")
     p.add_argument("--repeat", type=int, default=0,
@@ -607,15 +610,23 @@ def main(argv=None) -> int:
         if args.check and fp32_losses:
             stage("check", check_losses, args, trainer, batches, "eager", fp32_losses)
         if args.compile in ("on", "both"):
-            from mmtard.speed import compile_method, tag_compile_caches
+            from mmtard.speed import compile_method, fused_update_iteration, tag_compile_caches
 
             t0 = time.perf_counter()
             # what train.compile=true (with train.compile_mode) does in factory.build_method
             tag_compile_caches(args.attention)
             compile_method(trainer.method, mode=args.compile_mode)
+            trainer.method.attack_iteration = fused_update_iteration()
             emit("compile_wrap", seconds=time.perf_counter() - t0)
             summary["compiled"] = stage("compiled", time_trainer_variants, args, trainer, timer, batches, "compiled",
                                         reference_ips, flops)
+            if args.update_ab:  # same towers, same process: the update's fusion alone
+                from mmtard.attacks import pgd_iteration
+
+                fused, trainer.method.attack_iteration = trainer.method.attack_iteration, pgd_iteration
+                summary["eager_update"] = stage("eager_update", time_trainer_variants, args, trainer, timer, batches,
+                                                "compiled_eager_update", reference_ips, flops, variants=("cache",))
+                trainer.method.attack_iteration = fused
             if args.check and fp32_losses:
                 stage("check", check_losses, args, trainer, batches, "compiled", fp32_losses)
             if args.compile_breakdown:

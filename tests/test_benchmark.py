@@ -56,6 +56,16 @@ def test_shard_read_benchmark_runs(tmp_path):
     assert re.search(r"RESULT read source=shards reads=10 seconds=\S+ samples_per_s=\S+", proc.stdout)
 
 
+def test_attack_update_benchmark_checks_the_fused_update():
+    script = SCRIPT.parent / "attack_update.py"
+    proc = subprocess.run([sys.executable, str(script), "--tiny", "--device", "cpu", "--backend", "aot_eager"],
+                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = re.findall(r"RESULT update norm=(\S+) eager_ms=\S+ fused_ms=\S+ speedup=\S+ per_step_saved_ms=\S+ "
+                       r"max_abs_diff=(\S+) compile_s=\S+", proc.stdout)
+    assert [norm for norm, _ in lines] == ["linf", "l2"] and float(lines[0][1]) == 0.0
+
+
 def test_attention_kernel_benchmark_runs():
     script = SCRIPT.parent / "attention_kernels.py"
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from mmtard.attacks import PGDConfig, pgd, pgd_iteration
+from mmtard.attacks import PGDConfig, ascent, pgd, pgd_iteration
 from mmtard.config import TrainConfig, load_config
 from mmtard.errors import ConfigError
 from mmtard.speed import (attention_kernel, check_attention_kernel, compile_attack_iteration, compile_method,
-                          input_grad_only)
+                          fused_update_iteration, input_grad_only)
 from mmtard.tower_rewrites import (ClassTokenBlock, PatchEmbedding, class_token_last_block, image_towers,
                                    matmul_patch_embedding, wants_class_token_last_block, wants_short_attention)
 from mmtard.trainer import Trainer
@@ -81,13 +81,16 @@ def test_compiled_step_gives_the_eager_loss(world_dir, tmp_path):
     assert torch.isfinite(sums["loss"]) and torch.isfinite(sums["grad_norm"])
 
 
-def test_train_compile_switch_compiles_every_image_tower(world_dir, tmp_path):
+def test_train_compile_switch_compiles_every_image_tower_and_the_attack_update(world_dir, tmp_path):
     on = Trainer(load_config(None, _overrides(world_dir, **{"train.compile": "true"})), tmp_path / "on",
                  show_progress=False)
     towers = image_towers(on.method)
     assert len(towers) == 3 and all(t._compiled_call_impl is not None for t in towers)
+    iteration = on.method.attack_iteration
+    assert iteration.func is pgd_iteration and iteration.keywords["update"]._torchdynamo_orig_callable is ascent
     off = Trainer(load_config(None, _overrides(world_dir)), tmp_path / "off", show_progress=False)
     assert all(t._compiled_call_impl is None for t in image_towers(off.method))
+    assert off.method.attack_iteration is pgd_iteration
 
 
 def test_frozen_weight_attack_gives_the_same_input_gradient_and_restores_flags():
@@ -126,26 +129,31 @@ def _counting_backend(graphs: list):
 
 
 def test_compiled_attack_iteration_gives_the_eager_attack_in_one_graph():
-    """Whole-iteration compile: same adversarial images as the eager loop, one graph per
-    iteration (no break), and no recompilation for new targets, new images or a new closure."""
+    """Whole-iteration compile, and the update alone compiled (train.compile): same adversarial
+    images as the eager loop, one graph each (no break), and no recompilation for new targets,
+    new images or a new closure."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 16), torch.nn.GELU(),
                                 torch.nn.Linear(16, 5))
     cfg = PGDConfig(eps=8 / 255, step_size=2 / 255, steps=3)
     graphs: list = []
+    update_graphs: list = []
     compiled = compile_attack_iteration(backend=_counting_backend(graphs))
+    fused = fused_update_iteration(backend=_counting_backend(update_graphs))
     for trial in range(3):
         x = torch.rand(4, 3, 8, 8)
         target = torch.randn(4, 5).softmax(-1)
         loss = lambda z: -(target * model(z).log_softmax(-1)).sum(-1)  # noqa: E731 - a fresh closure each time
         runs = []
-        for iteration in (pgd_iteration, compiled):
+        for iteration in (pgd_iteration, compiled, fused):
             with input_grad_only(model):
                 runs.append(pgd(loss, x, cfg, model=model, generator=torch.Generator().manual_seed(trial),
                                 iteration=iteration))
         torch.testing.assert_close(runs[1], runs[0], rtol=0, atol=1e-6)
+        assert torch.equal(runs[2], runs[0])  # the same element-wise operations, in the same order
         assert not torch.equal(runs[0], x)
     assert len(graphs) == 1  # traced once: a recompile (new closure, new tensors) would add a graph
+    assert len(update_graphs) == 1
     assert model[1].weight.grad is None
 
 

@@ -130,9 +130,10 @@ def _unit_direction(t: torch.Tensor, norm: str) -> torch.Tensor:
     return t.sign() if norm == "linf" else t / _per_sample_norm(t, 2)
 
 
-def _ascent(delta: torch.Tensor, velocity: torch.Tensor, grad: torch.Tensor, x: torch.Tensor,
-            cfg: PGDConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The update that follows a gradient: momentum, step, projection (shared by both iterations).
+def ascent(delta: torch.Tensor, velocity: torch.Tensor, grad: torch.Tensor, x: torch.Tensor,
+           cfg: PGDConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The update that follows a gradient: momentum, step, projection (shared by both iterations;
+    :func:`mmtard.speed.fused_update_iteration` compiles it into one element-wise kernel).
 
     With momentum, the release's rule (its PGD is RobustVLM's): the gradient is normalised (sign
     for L-inf), added to the momentum-scaled velocity, and the sum normalised again; the step is
@@ -146,14 +147,17 @@ def _ascent(delta: torch.Tensor, velocity: torch.Tensor, grad: torch.Tensor, x: 
 
 
 def pgd_iteration(loss_fn: LossFn, x: torch.Tensor, delta: torch.Tensor, velocity: torch.Tensor,
-                  cfg: PGDConfig, autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One eager PGD iteration: forward, input gradient through ``torch.autograd.grad``, ascent."""
+                  cfg: PGDConfig, autocast_dtype: torch.dtype | None = None,
+                  update: Callable[..., tuple[torch.Tensor, torch.Tensor]] = ascent
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One eager PGD iteration: forward, input gradient through ``torch.autograd.grad``, then
+    ``update`` (:func:`ascent`, or a compiled form of it)."""
     delta = delta.detach().requires_grad_(True)
     with _amp(x.device, autocast_dtype):
         loss = loss_fn(x + delta).float().sum()
     (grad,) = torch.autograd.grad(loss, delta)
     with torch.no_grad():
-        return _ascent(delta.detach(), velocity, grad, x, cfg)
+        return update(delta.detach(), velocity, grad, x, cfg)
 
 
 def functional_pgd_iteration(loss_fn: LossFn, x: torch.Tensor, delta: torch.Tensor, velocity: torch.Tensor,
@@ -172,7 +176,7 @@ def functional_pgd_iteration(loss_fn: LossFn, x: torch.Tensor, delta: torch.Tens
             return loss_fn(x + d).float().sum()
 
     grad = torch.func.grad(objective)(delta)
-    return _ascent(delta, velocity, grad, x, cfg)
+    return ascent(delta, velocity, grad, x, cfg)
 
 
 def pgd(

@@ -145,4 +145,6 @@ def build_method(config: Config, student: CLIPClassifier, teachers: list[Teacher
         speed.compile_method(method, mode=train.compile_mode)
     if train.compile_attack and method.adversarial:
         method.attack_iteration = speed.compile_attack_iteration(mode=train.compile_mode)
+    elif train.compile and method.adversarial:
+        method.attack_iteration = speed.fused_update_iteration()
     return method
