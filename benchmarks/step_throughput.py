@@ -13,8 +13,10 @@ In ONE process, with random weights (timing does not depend on their values):
     ``train.compile`` (compile time reported separately) and, with ``--compile-attack``, with
     ``train.compile_attack`` on top (each whole PGD iteration one compiled graph). Like the
     trainer, (b) runs the exact tower rewrites of :mod:`mmtard.tower_rewrites` as configured
-    (``--patch-embed`` and ``--last-block``, default ``auto``: on a GPU): the patch
-    embedding as a matrix product, a last block that computes the class token alone.
+    (``--patch-embed``, ``--last-block`` and ``--attention``, default ``auto``: on a GPU): the
+    patch embedding as a matrix product, a last block that computes the class token alone,
+    mmtard's short-sequence attention; its compiled variants also fuse the attack's update, as
+    ``train.compile`` does (``--update-ab`` times them without).
     They are applied after (a) and the fp32 loss check, which keep open_clip's towers as the
     release does.
 

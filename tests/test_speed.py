@@ -403,7 +403,7 @@ def test_train_attention_switch(world_dir, tmp_path):
     check_attention_kernel("efficient", torch.device("cuda"), None)
 
 
-def test_short_attention_rewrites_the_towers_and_keeps_the_loss(world_dir, tmp_path):
+def test_short_attention_rewrites_the_towers_and_keeps_the_loss(world_dir, tmp_path, monkeypatch):
     """train.attention=short gives every tower of at most 64 tokens mmtard's attention module (on a
     CPU it computes through torch's attention), with the same loss and parameter names; the
     default, auto, does so on a GPU only."""
@@ -414,9 +414,17 @@ def test_short_attention_rewrites_the_towers_and_keeps_the_loss(world_dir, tmp_p
     assert all(type(b.attn) is nn.MultiheadAttention for tower in image_towers(plain.method)
                for b in tower.transformer.resblocks)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU as auto sees one
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert wants_short_attention("auto", cuda) and wants_short_attention("short", cpu)
     assert not any(wants_short_attention(setting, device) for setting, device in
                    (("auto", cpu), ("torch", cuda), ("cudnn", cuda), ("flash", cpu)))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # no bf16 tensor cores
+    assert not wants_short_attention("auto", cuda) and wants_short_attention("short", cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # ROCm calls its devices cuda too
+    assert not wants_short_attention("auto", cuda)
+    monkeypatch.undo()
     short, _ = _fp32_trainer(world_dir, tmp_path / "short", **{"train.attention": "short"})
     for tower in image_towers(short.method):  # the tiny student and the small teachers: 17 and 37 tokens
         blocks = tower.transformer.resblocks

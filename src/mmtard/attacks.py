@@ -133,7 +133,7 @@ def _unit_direction(t: torch.Tensor, norm: str) -> torch.Tensor:
 def ascent(delta: torch.Tensor, velocity: torch.Tensor, grad: torch.Tensor, x: torch.Tensor,
            cfg: PGDConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The update that follows a gradient: momentum, step, projection (shared by both iterations;
-    :func:`mmtard.speed.fused_update_iteration` compiles it into one element-wise kernel).
+    :func:`mmtard.speed.fused_update_iteration` compiles it: one element-wise kernel for L-inf).
 
     With momentum, the release's rule (its PGD is RobustVLM's): the gradient is normalised (sign
     for L-inf), added to the momentum-scaled velocity, and the sum normalised again; the step is
@@ -194,8 +194,9 @@ def pgd(
     (``.grad``) and weights are untouched; ``model``, if given, is put in eval mode for the attack
     and restored afterwards. Under ``autocast_dtype`` (bf16 on a GPU) the forward passes run in
     reduced precision while the perturbation itself stays in float32. ``iteration`` is
-    :func:`pgd_iteration` or a compiled :func:`functional_pgd_iteration`; the random start stays
-    outside it (it draws from ``generator``).
+    :func:`pgd_iteration` (its update compiled or not) or a compiled
+    :func:`functional_pgd_iteration`; the random start stays outside it (it draws from
+    ``generator``).
 
     Returns the detached adversarial images, in [0, 1].
     """

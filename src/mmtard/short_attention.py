@@ -3,8 +3,9 @@
 The student's attention (ViT-B-32 at 224 px: 50 tokens, 12 heads of 64) runs about 130 times per
 training step, 120 of them in the PGD loop with an input gradient. torch's fused kernels are built
 for long sequences: on an H200 they reach about 31 TFLOP/s at 50 tokens (forward + backward,
-112 us per call at batch 128, replayed as a CUDA graph; this kernel: 45 us, and the compiled
-training step 11.7 % faster; ``benchmarks/RESULTS.md``). A head's whole problem fits in one
+112 us per call at batch 128, replayed as a CUDA graph; this kernel: 51 us with its backward at
+8 warps, which made the compiled training step 11.7 % faster, and 45 us at 4;
+``benchmarks/RESULTS.md``). A head's whole problem fits in one
 program's registers: queries, keys and values are 50 x 64 each, so one program computes the
 scores, the softmax and the output, and the backward recomputes the scores from the saved
 log-sum-exp, as flash attention does, without the tiling and online softmax that long sequences
@@ -54,6 +55,15 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 def _on(device: torch.device) -> contextlib.AbstractContextManager:
     """Triton launches on the current CUDA device: make it the tensors' one."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def suits_gpu(device: torch.device) -> bool:
+    """Whether ``train.attention: auto`` runs the kernel on ``device``: an NVIDIA GPU with bf16
+    tensor cores (compute capability 8.0 or later; it was measured on Hopper), not ROCm, where
+    torch also names the device ``cuda``. ``short`` asks for the kernel anywhere."""
+    if device.type != "cuda" or triton is None or torch.version.hip is not None or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def applies(qkv: torch.Tensor, num_heads: int) -> bool:

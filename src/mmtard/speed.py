@@ -5,11 +5,11 @@ ask autograd for input gradients only. None of them changes the mathematics.
   student, of every teacher and of the reference model. In place means the parameter names, the
   checkpoints and the exported student are exactly those of an uncompiled run. It is switched on
   by ``train.compile`` (see :func:`mmtard.factory.build_method`). The towers are the whole cost of
-  a step; the zero-shot head and the losses are small work left in eager mode. Compilation happens lazily, at the first call of each (mode, shape, grad) variant:
-  the student compiles twice (the attack's eval-mode forward/backward at batch B and the update's
+  a step; the zero-shot head and the losses are small work left in eager mode. Compilation
+  happens lazily, at the first call of each (mode, shape, grad) variant: the student compiles twice (the attack's eval-mode forward/backward at batch B and the update's
   train-mode forward/backward at 2B), each frozen teacher once (no-grad forward at B).
 * :func:`fused_update_iteration` (also ``train.compile``) compiles the attack's update after each
-  gradient (momentum, sign step, projection) into one element-wise kernel. Eager, it is about ten
+  gradient (momentum, sign step, projection): one element-wise kernel for L-inf. Eager, it is about ten
   kernels over image-sized fp32 tensors per PGD iteration, each reading and writing the whole
   batch (77 MB at batch 128 and 224 px); in the H200 profile of the fastest step the eager
   element-wise kernels took at least 4.7 ms of 121 ms of GPU time.
@@ -28,12 +28,12 @@ ask autograd for input gradients only. None of them changes the mathematics.
   backward is the input-gradient half only (half the backward matrix products), and eager mode
   keeps fewer tensors alive. The gradient with respect to the input is the same, bit for bit.
 
-* :func:`attention_kernel` picks torch's scaled-dot-product-attention kernel for the step
-  (``train.attention``). torch chooses by a fixed priority (cuDNN's kernel on Hopper); for the
-  student's 50 tokens (ViT-B-32 at 224 px) that kernel ran at about 18 TFLOP/s forward and 39
-  backward on an H200, roughly 15 ms of a 154 ms step for about 1 % of its FLOPs. Which kernel
-  is fastest at these short sequences is measured by ``benchmarks/attention_kernels.py``, not
-  assumed here: the default stays torch's own choice.
+* :func:`attention_kernel` forces one of torch's scaled-dot-product-attention kernels for the
+  step (``train.attention``: flash, efficient, cudnn, math). torch chooses by a fixed priority
+  (cuDNN's kernel on Hopper), and none of the forced kernels was faster over the step's three
+  shapes (``benchmarks/attention_kernels.py``). For the student's 50 tokens mmtard's own kernel
+  (``short``, the default ``auto`` on a GPU; :mod:`mmtard.short_attention`, installed by
+  :mod:`mmtard.tower_rewrites`) is: 45 us per call against torch's 112 on an H200.
 
 The exact rewrites of the image towers themselves (the patch embedding as a matrix product, a
 last block that computes the class token alone) are in :mod:`mmtard.tower_rewrites`.
@@ -92,7 +92,7 @@ def check_attention_kernel(name: str, device: torch.device, amp: torch.dtype | N
                           f"{', '.join(_CPU_ATTENTION_KERNELS)}")
     if device.type == "cuda" and amp is None and name in _HALF_ONLY_ATTENTION_KERNELS:
         raise ConfigError(f"train.attention: '{name}' has no fp32 kernel on CUDA; use train.precision bf16 "
-                          f"(or auto), or attention efficient/math/auto")
+                          f"(or auto), or attention auto/torch/short/efficient/math")
 
 
 def tag_compile_caches(attention: str) -> None:

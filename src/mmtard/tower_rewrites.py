@@ -17,7 +17,7 @@ place to the method's :func:`image_towers`, before ``torch.compile``, so compile
   products. Skipping them is about 1/depth x 5/6 of a tower's work; counted by torch's FLOP
   counter, 6.7 % of a ViT-B-32 (12 blocks), forward and backward, so of all ten PGD iterations,
   and 3.4 % of a ViT-L-14 teacher (``benchmarks/tower_passes.py``). 5.4 % faster step on an H200.
-* :func:`short_sequence_attention` (``train.attention: short``): towers of at most 64 tokens run
+* :func:`short_sequence_attention` (``train.attention: short``, and ``auto`` on a GPU): towers of at most 64 tokens run
   their self-attention through :mod:`mmtard.short_attention`, one Triton program per image and
   head, instead of torch's kernels built for long sequences.
 """
@@ -173,10 +173,13 @@ def class_token_last_block(towers: Iterable[nn.Module]) -> int:
 
 # ---------------------------------------------------------------------------------------------- attention
 def wants_short_attention(setting: str, device: torch.device) -> bool:
-    """``train.attention``: ``short`` always, ``auto`` on a GPU only (where it made the compiled
-    step 11.7 % faster; on a CPU the module would only fall back to torch's attention), never for
+    """``train.attention``: ``short`` always, ``auto`` on an NVIDIA GPU of compute capability 8.0
+    or later (:func:`mmtard.short_attention.suits_gpu`; on an H200 it made the compiled step
+    11.7 % faster; on a CPU the module would only fall back to torch's attention), never for
     ``torch`` or a forced torch kernel."""
-    return setting == "short" or (setting == "auto" and device.type == "cuda")
+    from mmtard.short_attention import suits_gpu
+
+    return setting == "short" or (setting == "auto" and suits_gpu(device))
 
 
 def short_sequence_attention(towers: Iterable[nn.Module]) -> int:

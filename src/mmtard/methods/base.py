@@ -70,7 +70,8 @@ class Method(nn.Module):
         self.student_forward: Callable[..., torch.Tensor] = student
         self.clean_cache: TeacherEmbeddingCache | None = None
         self.generator: torch.Generator | None = None
-        #: eager by default; a compiled one with train.compile_attack (mmtard.speed)
+        #: eager by default; with train.compile its update fused into one kernel, with
+        #: train.compile_attack the whole iteration compiled (mmtard.speed)
         self.attack_iteration: Iteration = pgd_iteration
 
     @classmethod
