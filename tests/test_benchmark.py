@@ -15,9 +15,10 @@ import torch
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_throughput.py"
 
 
-def _benchmark(name: str):
+def _benchmark(name: str, monkeypatch):
     """A benchmark script as a module, to run its main() in this process (no second start-up of
-    torch, as a subprocess would pay)."""
+    torch, as a subprocess would pay); its folder on the path, as when run as a script."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", SCRIPT.parent / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -66,15 +67,15 @@ def test_shard_read_benchmark_runs(tmp_path):
     assert re.search(r"RESULT read source=shards reads=10 seconds=\S+ samples_per_s=\S+", proc.stdout)
 
 
-def test_attack_update_benchmark_checks_the_fused_update(capsys):
-    assert _benchmark("attack_update").main(["--tiny", "--device", "cpu", "--backend", "aot_eager"]) == 0
+def test_attack_update_benchmark_checks_the_fused_update(capsys, monkeypatch):
+    assert _benchmark("attack_update", monkeypatch).main(["--tiny", "--device", "cpu", "--backend", "aot_eager"]) == 0
     lines = re.findall(r"RESULT update norm=(\S+) eager_ms=\S+ fused_ms=\S+ speedup=\S+ per_step_saved_ms=\S+ "
                        r"max_abs_diff=(\S+) compile_s=\S+", capsys.readouterr().out)
     assert [norm for norm, _ in lines] == ["linf", "l2"] and float(lines[0][1]) == 0.0
 
 
-def test_attention_kernel_benchmark_runs(capsys):
-    assert _benchmark("attention_kernels").main(["--tiny", "--device", "cpu", "--iters", "1"]) == 0
+def test_attention_kernel_benchmark_runs(capsys, monkeypatch):
+    assert _benchmark("attention_kernels", monkeypatch).main(["--tiny", "--device", "cpu", "--iters", "1"]) == 0
     lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("RESULT ")]
     timed = {(fields[1], fields[2]) for fields in lines if any(f.startswith("us_per_call=") for f in fields)}
     refused = {(fields[1], fields[2]) for fields in lines if any(f.startswith("refused=") for f in fields)}
@@ -104,9 +105,9 @@ def test_written_out_attention_is_sdpa():
     torch.testing.assert_close(written_out(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v))
 
 
-def test_tower_pass_benchmark_counts_what_each_rewrite_saves(capsys):
+def test_tower_pass_benchmark_counts_what_each_rewrite_saves(capsys, monkeypatch):
     # the teacher is the student's architecture, so its no-grad forward is half the attack's pass
-    assert _benchmark("tower_passes").main(["--tiny", "--device", "cpu", "--only", "open_clip,class_token",
+    assert _benchmark("tower_passes", monkeypatch).main(["--tiny", "--device", "cpu", "--only", "open_clip,class_token",
                                             "--teacher", "mmtard-tiny-vit"]) == 0
     results = {}
     for line in capsys.readouterr().out.splitlines():
