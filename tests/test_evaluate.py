@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from mmtard.errors import ConfigError, DataError
 from mmtard.eval_sets import DatasetEntry, imagenet_dataset, suite_datasets, suite_image_size, world_datasets
 from mmtard.evaluate import ModelEntry, run_eval
 from mmtard.models import CLIPClassifier, ModelSpec, create_clip, export_open_clip, train_only_image_tower
-from mmtard.results import merge_results, sanity_checks, validate_results
+from mmtard.results import merge_results, same_evaluation, sanity_checks, validate_results
 from mmtard.zeroshot import text_weights
 
 TINY = "mmtard-tiny-vit"
@@ -215,7 +216,7 @@ def test_results_json_on_world_validates(world_dir, tmp_path):
     assert len(samples["sample_ids"]) == 8 and samples["sample_ids"][0].endswith(".png")
 
 
-def test_resume_after_interruption_gives_identical_numbers(trained_weights, tmp_path):
+def test_resume_after_interruption_gives_identical_numbers(trained_weights, tmp_path, monkeypatch):
     args = dict(eps_list=["1/255", "2/255"], attack=AttackSpec(iterations=4), n_samples=24, batch_size=8,
                 seed=5, progress=False)
     full = run_eval([_row(trained_weights)], [_entry(40)], out_dir=tmp_path / "full", **args)
@@ -238,11 +239,16 @@ def test_resume_after_interruption_gives_identical_numbers(trained_weights, tmp_
     a = json.loads((tmp_path / "full" / "samples" / "undefended" / "patterns.json").read_text())
     b = json.loads((tmp_path / "cut" / "samples" / "undefended" / "patterns.json").read_text())
     assert a["robust"] == b["robust"] and a["clean"] == b["clean"] and a["sample_ids"] == b["sample_ids"]
-    # a finished evaluation reruns nothing
+    # a finished evaluation reruns nothing, also when its weights file is named by another path
     again = []
-    run_eval([_row(trained_weights)], [_entry(40)], out_dir=tmp_path / "cut", on_batch=lambda *a: again.append(a),
-             **args)
-    assert again == []
+    monkeypatch.chdir(Path(trained_weights).parent)
+    rerun = run_eval([_row(Path(trained_weights).name)], [_entry(40)], out_dir=tmp_path / "cut",
+                     on_batch=lambda *a: again.append(a), **args)
+    assert again == [] and rerun["models"]["undefended"]["datasets"] == full["models"]["undefended"]["datasets"]
+    assert not [w for w in rerun["warnings"] if "other weights" in w]  # one row, merged
+    stored = full["models"]["undefended"]
+    assert same_evaluation(stored, {**stored, "weights": Path(trained_weights).name})
+    assert not same_evaluation(stored, {**stored, "weights": "openai"})
 
 
 @pytest.mark.parametrize("damage", ["cut lists", "not an object", "cut file", "not UTF-8"])

@@ -47,6 +47,7 @@ from mmtard.results import (
     load_results,
     now_iso,
     same_evaluation,
+    same_weights,
     sanity_checks,
     sorted_eps,
     validate_results,
@@ -144,6 +145,8 @@ def _open_record(path: Path, fresh: dict, data_digest: Callable[[str], str | Non
     old = {"forward": 1, **old}
     for key in ("arch", "weights", "weights_file", "forward", "indices", "sample_ids", "attack", "head", "seed",
                 "image_size"):
+        if key == "weights" and same_weights(old.get(key), fresh[key]):
+            continue
         if old.get(key) != fresh[key]:
             hint = {"indices": " (--n-samples / --imagenet-samples or --seed changed?)",
                     "forward": " (written by an older mmtard, before QuickGELU for OpenAI-derived weights "

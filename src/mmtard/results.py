@@ -36,6 +36,7 @@ import datetime as _dt
 import json
 import logging
 import math
+import os
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterable
@@ -244,14 +245,28 @@ def _attack_core(attack: dict) -> dict:
     return {k: attack.get(k) for k in ("name", "iterations", "norm", "n_target_classes", "restarts", "version")}
 
 
+def same_weights(stored: str | None, now: str | None) -> bool:
+    """Whether two rows' ``weights`` name the same model: the same tag, id or path, or two
+    spellings of one local file (relative and absolute, from another working folder, through a
+    link). Whether that file changed since is the ``weights_file`` stamp's question."""
+    if stored == now:
+        return True
+    if stored is None or now is None:
+        return False
+    try:
+        return os.path.samefile(stored, now)
+    except (OSError, ValueError):  # a tag or hub id, a file gone, a path with a NUL
+        return False
+
+
 def same_evaluation(old: dict, new: dict) -> bool:
     """Whether two rows of results come from the same model and attack (radii aside: adding an eps
     to a row is a legitimate extension), so that their datasets may share one row."""
     def core(row: dict) -> tuple:
         attack = {k: v for k, v in row.get("attack", {}).items() if k != "eps"}
-        return row.get("arch"), row.get("weights"), row.get("forward", 1), json.dumps(attack, sort_keys=True)
+        return row.get("arch"), row.get("forward", 1), json.dumps(attack, sort_keys=True)
     same_file = "weights_file" not in old or old["weights_file"] == new.get("weights_file")
-    return core(old) == core(new) and same_file
+    return core(old) == core(new) and same_weights(old.get("weights"), new.get("weights")) and same_file
 
 
 def _merge_row(merged: dict, row: str, entry: dict, attack: dict, source: str) -> None:
