@@ -576,6 +576,21 @@ def _benchmark_shards(root, n_per_shard=(5, 5, 2), size=32, templates=True, fmt=
     return root
 
 
+def test_varied_size_sets_are_resized_to_the_rows_input_size(caplog):
+    """eps is measured in the pixels the model sees: ImageNet and the suite's varied-size sets are
+    resized to the rows' own input size (a 336 px model is not fed 224 px images upsampled)."""
+    from mmtard.cli import _eval_image_size
+
+    def size(*archs):
+        return _eval_image_size([ModelEntry(f"row{i}", arch) for i, arch in enumerate(archs)])
+
+    assert size("ViT-L-14-336") == 336 and size(TINY, TINY) == 32 and size("ViT-B-32") == 224
+    assert size("hf-hub:timm/ViT-B-16-SigLIP") == 224  # a hub config is remote: not fetched, the default
+    assert "different input sizes" not in caplog.text
+    assert size("ViT-B-32", "ViT-L-14-336") == 224
+    assert "different input sizes (ViT-B-32 224 px, ViT-L-14-336 336 px)" in caplog.text
+
+
 def test_clip_benchmark_webdataset_sets_are_read_as_the_release_did(tmp_path, capsys):
     """The release evaluated the suite from clip-benchmark's wds downloads: their class names and
     templates come with them, their shards are read by index (so records and resume work)."""
@@ -590,6 +605,9 @@ def test_clip_benchmark_webdataset_sets_are_read_as_the_release_did(tmp_path, ca
     assert [cifar.dataset[i][1] for i in range(12)] == [i % 3 for i in range(12)]
     assert eurosat.dataset[0][0].shape == (3, 224, 224) and eurosat.templates  # clip-benchmark's own templates
     assert cifar.dataset.image_size is None and eurosat.dataset.image_size == 224
+    # for a model of another input size, varied-size sets are resized to it (native ones stay native)
+    cifar_48, eurosat_48 = suite_datasets(["cifar10", "eurosat"], tmp_path / "wds", variable_size=48)
+    assert cifar_48.dataset.image_size is None and eurosat_48.dataset[0][0].shape == (3, 48, 48)
     out = tmp_path / "eval"
     args = ["-q", "eval", "--model", TINY, "--dataset", f"cifar10={tmp_path}/wds", "--eps", "1/255",
             "--attack", "pgd", "--iterations", "1", "--out", str(out)]

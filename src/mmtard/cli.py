@@ -201,8 +201,27 @@ def _run_student_name(config: Path) -> str:
     return name
 
 
-def _eval_datasets(specs: list[str]) -> list:
-    """NAME=ROOT arguments -> evaluation sets (imagenet, world, world-<set>, a zero-shot suite name)."""
+def _eval_image_size(models: list) -> int:
+    """The size ImageNet and the suite's sets of varied image sizes are resized to: the rows' own
+    input size, as CLIP's preprocessing (and the reference evaluation) does, so that eps is
+    measured in the pixels the model sees; 224 where the rows disagree (or none is known)."""
+    from mmtard.models import input_size
+
+    sizes = {m.arch: input_size(m.arch) for m in models}
+    known = set(sizes.values()) - {None}
+    if len(known) == 1:
+        return known.pop()
+    if len(known) > 1:
+        log.warning("the rows take different input sizes (%s): ImageNet and the suite's sets of varied image sizes are "
+                    "resized to 224 px for all of them, so eps is measured at 224 px; evaluate each input size into "
+                    "its own --out to measure it in the model's own pixels",
+                    ", ".join(f"{arch} {size} px" for arch, size in sizes.items() if size is not None))
+    return 224
+
+
+def _eval_datasets(specs: list[str], image_size: int = 224) -> list:
+    """NAME=ROOT arguments -> evaluation sets (imagenet, world, world-<set>, a zero-shot suite
+    name); ImageNet and the suite's sets of varied image sizes resized to ``image_size``."""
     from mmtard.data import ZEROSHOT_SUITE
     from mmtard.eval_sets import imagenet_dataset, suite_datasets, world_datasets
 
@@ -212,13 +231,13 @@ def _eval_datasets(specs: list[str]) -> list:
         if not sep or not root:
             raise ConfigError(f"--dataset '{spec}': expected NAME=ROOT, e.g. imagenet=/data/imagenet or world=DIR")
         if name == "imagenet":
-            datasets.append(imagenet_dataset(root))
+            datasets.append(imagenet_dataset(root, image_size=image_size))
         elif name == "world":
             datasets.extend(world_datasets(root))
         elif name.startswith("world-"):
             datasets.extend(world_datasets(root, sets=[name]))
         elif name in ZEROSHOT_SUITE:
-            datasets.extend(suite_datasets([name], root))
+            datasets.extend(suite_datasets([name], root, variable_size=image_size))
         else:
             raise ConfigError(f"--dataset '{name}' is not one of imagenet, world, world-<set>, "
                               f"{', '.join(ZEROSHOT_SUITE)}")
@@ -248,9 +267,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if device.type == "cuda" and env.enabled:
         device = torch.device("cuda", env.local_rank)
     with lost_ranks_reported("run the same command again to resume"):
-        datasets = _eval_datasets(args.dataset)
+        models = _eval_models(args)
+        datasets = _eval_datasets(args.dataset, _eval_image_size(models))
         spec = AttackSpec(name=attack, iterations=args.iterations, restarts=args.apgd_ce_restarts)
-        run_eval(_eval_models(args), datasets, args.eps.split(","), attack=spec,
+        run_eval(models, datasets, args.eps.split(","), attack=spec,
                  n_samples=_sample_sizes(args, datasets), batch_size=args.batch_size, out_dir=args.out, seed=args.seed,
                  device=str(device), progress=not args.quiet)
     if not _finish_distributed():

@@ -120,12 +120,14 @@ def _suite_root(root: str | Path, name: str) -> str | Path:
     return str(root).format(name=name, dataset=name)
 
 
-def suite_datasets(names: Sequence[str], root: str | Path, image_size: int | None | str = "auto") -> list[DatasetEntry]:
+def suite_datasets(names: Sequence[str], root: str | Path, image_size: int | None | str = "auto",
+                   variable_size: int = 224) -> list[DatasetEntry]:
     """Sets of the clip-benchmark zero-shot suite.
 
     ``root`` is either a template holding ``{name}`` (as clip-benchmark's ``--dataset_root``) or a
     folder holding one sub-folder per dataset name. ``image_size="auto"``: native size where a set
-    has one (:data:`NATIVE_SIZE_SETS`), 224 elsewhere (:func:`suite_image_size`). A set's folder
+    has one (:data:`NATIVE_SIZE_SETS`), ``variable_size`` elsewhere (:func:`suite_image_size`;
+    the evaluated model's input size, as CLIP's preprocessing resizes to it). A set's folder
     may also be clip-benchmark's webdataset download (``classnames.txt`` and ``test/*.tar``, as the
     release used): its own class names and templates then come with it.
     """
@@ -136,7 +138,7 @@ def suite_datasets(names: Sequence[str], root: str | Path, image_size: int | Non
     out = []
     for name in names:
         where = _suite_root(root, name)
-        size = suite_image_size(name) if image_size == "auto" else image_size
+        size = suite_image_size(name, variable_size) if image_size == "auto" else image_size
         if is_benchmark_shard_folder(where):
             ds, classnames, templates = benchmark_shard_set(name, where, size)
             out.append(DatasetEntry(name, ds, classnames, templates))

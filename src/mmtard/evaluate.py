@@ -211,7 +211,7 @@ def _load_classifier(model: ModelEntry, device: str, cache: dict):
         with torch.random.fork_rng(devices=[]):  # a random-weights row is the same model on every rank
             torch.manual_seed(0)
             clip = freeze(create_clip(ModelSpec(model.arch, model.weights), device)).float()
-        cache[model.row] = CLIPClassifier(clip, scale=None).to(device)
+        cache[model.row] = CLIPClassifier(clip, scale=None).to(device).eval()
     return cache[model.row]
 
 

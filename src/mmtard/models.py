@@ -325,6 +325,19 @@ def _architecture_preprocess(name: str) -> dict | None:
     return None
 
 
+def input_size(name: str) -> int | None:
+    """The square input size in pixels of the open_clip architecture ``name``, from its bundled
+    config, without building it; None for a hub model (its config is remote), an unknown name or
+    a non-square input."""
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return None
+    register_tiny_models()
+    size = ((open_clip.get_model_config(name) or {}).get("vision_cfg") or {}).get("image_size")
+    if isinstance(size, (list, tuple)):
+        size = size[0] if len(set(size)) == 1 else None
+    return size if isinstance(size, int) else None
+
+
 def preprocess_stats(clip: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...], tuple[int, int]]:
     """Mean, std and (H, W) input size a CLIP expects, from open_clip's own preprocess config."""
     cfg = getattr(clip.visual, "preprocess_cfg", None) or {}
