@@ -26,8 +26,9 @@ class ProjectedAttention(nn.Module):
     """A batch-first ``nn.MultiheadAttention`` (self-attention, or one query set attending to one
     key/value set) with its input projection as ``in_proj: nn.Linear(D, 3D)`` and its output
     projection as ``out_proj``, computing the same function over the same weights. With
-    ``short_sequence`` set (``train.attention: short``, or ``auto`` on a GPU; :mod:`mmtard.tower_rewrites`), its
-    self-attention runs :func:`mmtard.short_attention.short_attention` where that applies."""
+    ``short_sequence`` set (``train.attention: short``, or ``auto`` on a GPU;
+    :mod:`mmtard.tower_rewrites`), its self-attention runs
+    :func:`mmtard.short_attention.short_attention` where that applies."""
 
     short_sequence = False
 

@@ -2,14 +2,14 @@
 
 The student's attention (ViT-B-32 at 224 px: 50 tokens, 12 heads of 64) runs about 130 times per
 training step, 120 of them in the PGD loop with an input gradient. torch's fused kernels are built
-for long sequences: on an H200 they reach about 31 TFLOP/s at 50 tokens (forward + backward,
-112 us per call at batch 128, replayed as a CUDA graph; this kernel: 51 us with its backward at
-8 warps, which made the compiled training step 11.7 % faster, and 45 us at 4;
-``benchmarks/RESULTS.md``). A head's whole problem fits in one
-program's registers: queries, keys and values are 50 x 64 each, so one program computes the
-scores, the softmax and the output, and the backward recomputes the scores from the saved
-log-sum-exp, as flash attention does, without the tiling and online softmax that long sequences
-need (nor the output: the backward's row sums come from the probabilities and their gradient).
+for long sequences: on an H200 they reach about 31 TFLOP/s at 50 tokens (forward + backward, 112 us
+per call at batch 128, replayed as a CUDA graph; this kernel: 51 us with its backward at 8 warps,
+which made the compiled training step 11.7 % faster, and 45 us at 4; ``benchmarks/RESULTS.md``). A
+head's whole problem fits in one program's registers: queries, keys and values are 50 x 64 each, so
+one program computes the scores, the softmax and the output, and the backward recomputes the scores
+from the saved log-sum-exp, as flash attention does, without the tiling and online softmax that
+long sequences need (nor the output: the backward's row sums come from the probabilities and their
+gradient).
 
 The kernels read the fused query-key-value projection ``[B, L, 3E]`` in place and write the output
 ``[B, L, E]`` (and the backward's ``[B, L, 3E]`` gradient) in the layout the projections use, so no

@@ -6,12 +6,13 @@ ask autograd for input gradients only. None of them changes the mathematics.
   checkpoints and the exported student are exactly those of an uncompiled run. It is switched on
   by ``train.compile`` (see :func:`mmtard.factory.build_method`). The towers are the whole cost of
   a step; the zero-shot head and the losses are small work left in eager mode. Compilation
-  happens lazily, at the first call of each (mode, shape, grad) variant: the student compiles twice (the attack's eval-mode forward/backward at batch B and the update's
-  train-mode forward/backward at 2B), each frozen teacher once (no-grad forward at B).
+  happens lazily, at the first call of each (mode, shape, grad) variant: the student compiles
+  twice (the attack's eval-mode forward/backward at batch B and the update's train-mode
+  forward/backward at 2B), each frozen teacher once (no-grad forward at B).
 * :func:`fused_update_iteration` (also ``train.compile``) compiles the attack's update after each
-  gradient (momentum, sign step, projection): one element-wise kernel for L-inf. Eager, it is about ten
-  kernels over image-sized fp32 tensors per PGD iteration, each reading and writing the whole
-  batch (77 MB at batch 128 and 224 px); in the H200 profile of the fastest step the eager
+  gradient (momentum, sign step, projection): one element-wise kernel for L-inf. Eager, it is
+  about ten kernels over image-sized fp32 tensors per PGD iteration, each reading and writing the
+  whole batch (77 MB at batch 128 and 224 px); in the H200 profile of the fastest step the eager
   element-wise kernels took at least 4.7 ms of 121 ms of GPU time.
 * :func:`compile_attack_iteration` compiles one whole PGD iteration (the student's forward, the
   zero-shot head, the attack loss, the input gradient through ``torch.func.grad``, momentum, sign
