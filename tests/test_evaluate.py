@@ -576,6 +576,32 @@ def _benchmark_shards(root, n_per_shard=(5, 5, 2), size=32, templates=True, fmt=
     return root
 
 
+def test_evaluation_pgd_counts_an_image_broken_at_any_iterate():
+    """PGD's last iterate may step back out of a misclassified region: --attack pgd counts an image
+    broken if any iterate is misclassified (here only the third forward, an intermediate iterate)."""
+    class Flicker(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(3 * 4 * 4, 2)
+            self.calls = 0
+            with torch.no_grad():
+                self.linear.weight.mul_(1e-3)
+                self.linear.bias.copy_(torch.tensor([1.0, 0.0]))  # class 0 everywhere near x
+
+        def forward(self, z):
+            self.calls += 1
+            return self.linear(z.flatten(1)) + (torch.tensor([0.0, 5.0]) if self.calls == 3 else 0.0)
+
+    x, y = torch.rand(2, 3, 4, 4), torch.zeros(2, dtype=torch.long)
+    outcome = robust_flags(Flicker(), x, y, 2 / 255, AttackSpec(name="pgd", iterations=4), seed=0)
+    assert outcome.robust.tolist() == [False, False]  # the last iterate alone would say [True, True]
+    assert (outcome.x_adv - x).abs().max() <= 2 / 255 + 1e-6
+    steady = Flicker()
+    steady.calls = 3  # past its misclassifying forward
+    assert robust_flags(steady, x, y, 2 / 255, AttackSpec(name="pgd", iterations=4)).robust.tolist() == [True, True]
+    assert AttackSpec(name="pgd").describe()["version"] == "mmtard-pgd-any"
+
+
 def test_varied_size_sets_are_resized_to_the_rows_input_size(caplog):
     """eps is measured in the pixels the model sees: ImageNet and the suite's varied-size sets are
     resized to the rows' own input size (a 336 px model is not fed 224 px images upsampled)."""
