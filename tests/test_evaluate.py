@@ -578,43 +578,60 @@ def _benchmark_shards(root, n_per_shard=(5, 5, 2), size=32, templates=True, fmt=
 
 def test_evaluation_pgd_counts_an_image_broken_at_any_iterate():
     """PGD's last iterate may step back out of a misclassified region: --attack pgd counts an image
-    broken if any iterate is misclassified (here only the third forward, an intermediate iterate)."""
+    broken if any iterate is misclassified (here only the attack's third forward, an intermediate
+    iterate), and returns that iterate."""
     class Flicker(nn.Module):
-        def __init__(self):
+        def __init__(self, flip_at: int | None = 3):
             super().__init__()
             self.linear = nn.Linear(3 * 4 * 4, 2)
-            self.calls = 0
+            self.attack_calls, self.flip_at, self.flipped_input = 0, flip_at, None
             with torch.no_grad():
                 self.linear.weight.mul_(1e-3)
                 self.linear.bias.copy_(torch.tensor([1.0, 0.0]))  # class 0 everywhere near x
 
         def forward(self, z):
-            self.calls += 1
-            return self.linear(z.flatten(1)) + (torch.tensor([0.0, 5.0]) if self.calls == 3 else 0.0)
+            logits = self.linear(z.flatten(1))
+            if torch.is_grad_enabled():  # the attack's own forwards, not the checks around it
+                self.attack_calls += 1
+                if self.attack_calls == self.flip_at:
+                    self.flipped_input = z.detach().clone()
+                    return logits + torch.tensor([0.0, 5.0])
+            return logits
 
     x, y = torch.rand(2, 3, 4, 4), torch.zeros(2, dtype=torch.long)
-    outcome = robust_flags(Flicker(), x, y, 2 / 255, AttackSpec(name="pgd", iterations=4), seed=0)
+    model = Flicker()
+    outcome = robust_flags(model, x, y, 2 / 255, AttackSpec(name="pgd", iterations=4), seed=0)
     assert outcome.robust.tolist() == [False, False]  # the last iterate alone would say [True, True]
+    torch.testing.assert_close(outcome.x_adv, model.flipped_input, rtol=0, atol=0)
     assert (outcome.x_adv - x).abs().max() <= 2 / 255 + 1e-6
-    steady = Flicker()
-    steady.calls = 3  # past its misclassifying forward
-    assert robust_flags(steady, x, y, 2 / 255, AttackSpec(name="pgd", iterations=4)).robust.tolist() == [True, True]
+    # the independent re-check runs for PGD too (this model misclassifies that iterate only once)
+    assert outcome.messages == ["2 points the attack marked broken are classified correctly on re-check"]
+    steady = robust_flags(Flicker(flip_at=None), x, y, 2 / 255, AttackSpec(name="pgd", iterations=4))
+    assert steady.robust.tolist() == [True, True] and not steady.messages
     assert AttackSpec(name="pgd").describe()["version"] == "mmtard-pgd-any"
 
 
-def test_varied_size_sets_are_resized_to_the_rows_input_size(caplog):
+def test_varied_size_sets_are_resized_to_each_rows_input_size(caplog):
     """eps is measured in the pixels the model sees: ImageNet and the suite's varied-size sets are
-    resized to the rows' own input size (a 336 px model is not fed 224 px images upsampled)."""
-    from mmtard.cli import _eval_image_size
+    resized to each row's own input size (a 336 px model is not fed 224 px images upsampled),
+    whatever other rows share the command."""
+    from mmtard.cli import _rows_by_input_size
 
-    def size(*archs):
-        return _eval_image_size([ModelEntry(f"row{i}", arch) for i, arch in enumerate(archs)])
+    def groups(*archs, sets=("imagenet=/data", "cifar10=/data")):
+        models = [ModelEntry(f"row{i}", arch) for i, arch in enumerate(archs)]
+        return {size: [m.arch for m in rows] for size, rows in _rows_by_input_size(models, list(sets)).items()}
 
-    assert size("ViT-L-14-336") == 336 and size(TINY, TINY) == 32 and size("ViT-B-32") == 224
-    assert size("hf-hub:timm/ViT-B-16-SigLIP") == 224  # a hub config is remote: not fetched, the default
-    assert "different input sizes" not in caplog.text
-    assert size("ViT-B-32", "ViT-L-14-336") == 224
-    assert "different input sizes (ViT-B-32 224 px, ViT-L-14-336 336 px)" in caplog.text
+    assert groups("ViT-L-14-336") == {336: ["ViT-L-14-336"]} and groups(TINY, TINY) == {32: [TINY, TINY]}
+    assert groups("ViT-B-32", "ViT-L-14-336", "ViT-B-32-quickgelu") == {
+        224: ["ViT-B-32", "ViT-B-32-quickgelu"], 336: ["ViT-L-14-336"]}
+    assert "not known" not in caplog.text
+    # a hub config is remote: not fetched; 224, said once a set needs a size
+    assert groups("hf-hub:timm/ViT-B-16-SigLIP", "ViT-L-14-336") == {224: ["hf-hub:timm/ViT-B-16-SigLIP"],
+                                                                       336: ["ViT-L-14-336"]}
+    assert "row0: the input size of hf-hub:timm/ViT-B-16-SigLIP is not known" in caplog.text
+    caplog.clear()  # native-size sets only: one group, nothing to say
+    assert groups("hf-hub:timm/x", "ViT-L-14-336", sets=("cifar10=/d", "world=/w")) == {
+        224: ["hf-hub:timm/x", "ViT-L-14-336"]} and not caplog.text
 
 
 def test_clip_benchmark_webdataset_sets_are_read_as_the_release_did(tmp_path, capsys):
@@ -642,6 +659,12 @@ def test_clip_benchmark_webdataset_sets_are_read_as_the_release_did(tmp_path, ca
     assert first["n"] == 12 and first["n_classes"] == 3
     assert main(args) == 0  # resumed from its records
     assert json.loads((out / "results.json").read_text())["models"][TINY]["datasets"]["cifar10"] == first
+    # two input sizes in one command: EuroSAT (varied sizes) resized to each model's own, one results.json
+    both = tmp_path / "both"
+    assert main(["-q", "eval", "--model", TINY, "--model", "mmtard-small-vit", "--dataset", f"eurosat={tmp_path}/wds",
+                 "--eps", "1/255", "--attack", "pgd", "--iterations", "1", "--out", str(both)]) == 0
+    rows = json.loads((both / "results.json").read_text())["models"]
+    assert {r: rows[r]["datasets"]["eurosat"]["image_size"] for r in rows} == {TINY: 32, "mmtard-small-vit": 48}
     bad = _benchmark_shards(tmp_path / "bad" / "cifar10")
     (bad / "zeroshot_classification_templates.txt").write_text("a photo\n")
     with pytest.raises(DataError, match="lacks the class slot"):

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmtard.attacks import PGDConfig, format_eps, pgd
+from mmtard.attacks import PGDConfig, eval_mode, format_eps, pgd
 from mmtard.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -214,9 +214,9 @@ def _pgd_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, s
     broken = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     found = x.clone()
 
-    def note(z: torch.Tensor, logits: torch.Tensor) -> None:
+    def note(z: torch.Tensor, logits: torch.Tensor) -> None:  # in place and without a host sync
         newly = logits.argmax(1).ne(y) & ~broken
-        found[newly] = z.detach()[newly]
+        torch.where(newly.view(-1, *[1] * (x.dim() - 1)), z.detach(), found, out=found)
         broken.logical_or_(newly)
 
     def loss(z: torch.Tensor) -> torch.Tensor:
@@ -225,7 +225,7 @@ def _pgd_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, s
         return F.cross_entropy(logits, y, reduction="none")
 
     x_adv = pgd(loss, x, cfg, model=model, generator=generator)
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):  # as the iterates were classified
         note(x_adv, model(x_adv))
     return torch.where(broken.view(-1, *[1] * (x.dim() - 1)), found, x_adv), broken
 
@@ -286,7 +286,7 @@ def _robust_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
         x_adv, broken = _pgd_flags(model, x, y, eps, spec, seed)
         with torch.no_grad():
             robust = model(x).argmax(1).eq(y) & ~broken
-        return AttackOutcome(robust, x_adv, [])
+        return AttackOutcome(robust, x_adv, _verify(model, x, x_adv, y, robust, eps, spec.norm))
     with torch.no_grad():
         n_classes = model(x[:1]).shape[1]
     with capture_autoattack() as messages:
@@ -299,7 +299,7 @@ def _robust_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
 
 
 def _verify(model, x, x_adv, y, robust, eps: float, norm: str) -> list[str]:
-    """Independent re-check of AutoAttack's answer: perturbations inside the ball and the box, and
+    """Independent re-check of the attack's answer: perturbations inside the ball and the box, and
     every point it called broken really misclassified."""
     out = []
     delta = (x_adv - x).flatten(1)
@@ -312,5 +312,5 @@ def _verify(model, x, x_adv, y, robust, eps: float, norm: str) -> list[str]:
         still = model(x_adv).argmax(1).eq(y)
     if (still & ~robust).any():
         count = int((still & ~robust).sum())
-        out.append(f"{count} points AutoAttack marked broken are classified correctly on re-check")
+        out.append(f"{count} points the attack marked broken are classified correctly on re-check")
     return out

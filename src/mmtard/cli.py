@@ -201,22 +201,27 @@ def _run_student_name(config: Path) -> str:
     return name
 
 
-def _eval_image_size(models: list) -> int:
-    """The size ImageNet and the suite's sets of varied image sizes are resized to: the rows' own
-    input size, as CLIP's preprocessing (and the reference evaluation) does, so that eps is
-    measured in the pixels the model sees; 224 where the rows disagree (or none is known)."""
+def _rows_by_input_size(models: list, specs: list[str]) -> dict[int, list]:
+    """The rows grouped by the size ImageNet and the suite's sets of varied image sizes are resized
+    to for them: each row's own input size, as CLIP's preprocessing (and the reference evaluation)
+    does, so that eps is measured in the pixels the model sees, whatever other rows share the
+    command. 224 for a row whose size is not known here (a hub model), with a warning where such
+    a set is asked for; one group when no set needs a size."""
+    from mmtard.eval_sets import NATIVE_SIZE_SETS
     from mmtard.models import input_size
 
-    sizes = {m.arch: input_size(m.arch) for m in models}
-    known = set(sizes.values()) - {None}
-    if len(known) == 1:
-        return known.pop()
-    if len(known) > 1:
-        log.warning("the rows take different input sizes (%s): ImageNet and the suite's sets of varied image sizes are "
-                    "resized to 224 px for all of them, so eps is measured at 224 px; evaluate each input size into "
-                    "its own --out to measure it in the model's own pixels",
-                    ", ".join(f"{arch} {size} px" for arch, size in sizes.items() if size is not None))
-    return 224
+    names = [spec.partition("=")[0] for spec in specs]
+    if not any(n == "imagenet" or (n not in NATIVE_SIZE_SETS and not n.startswith("world")) for n in names):
+        return {224: list(models)}
+    groups: dict[int, list] = {}
+    for model in models:
+        size = input_size(model.arch)
+        if size is None:
+            size = 224
+            log.warning("%s: the input size of %s is not known before loading it; ImageNet and the suite's sets of "
+                        "varied image sizes are resized to 224 px for it", model.row, model.arch)
+        groups.setdefault(size, []).append(model)
+    return groups
 
 
 def _eval_datasets(specs: list[str], image_size: int = 224) -> list:
@@ -267,12 +272,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if device.type == "cuda" and env.enabled:
         device = torch.device("cuda", env.local_rank)
     with lost_ranks_reported("run the same command again to resume"):
-        models = _eval_models(args)
-        datasets = _eval_datasets(args.dataset, _eval_image_size(models))
         spec = AttackSpec(name=attack, iterations=args.iterations, restarts=args.apgd_ce_restarts)
-        run_eval(models, datasets, args.eps.split(","), attack=spec,
-                 n_samples=_sample_sizes(args, datasets), batch_size=args.batch_size, out_dir=args.out, seed=args.seed,
-                 device=str(device), progress=not args.quiet)
+        for image_size, models in _rows_by_input_size(_eval_models(args), args.dataset).items():
+            datasets = _eval_datasets(args.dataset, image_size)  # results.json merges the groups' rows
+            run_eval(models, datasets, args.eps.split(","), attack=spec, n_samples=_sample_sizes(args, datasets),
+                     batch_size=args.batch_size, out_dir=args.out, seed=args.seed, device=str(device),
+                     progress=not args.quiet)
     if not _finish_distributed():
         return 0
     report = run_report([Path(args.out)], Path(args.out))

@@ -4,7 +4,7 @@ The protocol of METHOD.md §8: each model is a :class:`~mmtard.models.CLIPClassi
 logit scale (``scale=None``) and its own text embeddings of the dataset's class names and
 templates; sets of one image size enter at native resolution and the classifier's resize counts
 as part of the model, so eps is in the dataset's pixel space (sets of mixed sizes are resized to
-224 first, see :mod:`mmtard.eval_sets`). Robust accuracy comes from AutoAttack
+the model's input size first, see :mod:`mmtard.eval_sets` and ``mmtard eval``). Robust accuracy comes from AutoAttack
 (:mod:`mmtard.autoattack`); clean-misclassified samples count as non-robust and are not attacked.
 
 Resumable and mergeable: per-sample verdicts live in ``out_dir/samples/<row>/<dataset>.json`` and
@@ -149,6 +149,8 @@ def _open_record(path: Path, fresh: dict, data_digest: Callable[[str], str | Non
             continue
         if old.get(key) != fresh[key]:
             hint = {"indices": " (--n-samples / --imagenet-samples or --seed changed?)",
+                    "image_size": " (mmtard eval now resizes ImageNet and the suite's sets of varied image sizes "
+                                  "to each model's own input size; earlier versions resized them to 224)",
                     "forward": " (written by an older mmtard, before QuickGELU for OpenAI-derived weights "
                                "and the release's bicubic resize)"}.get(key, "")
             stored, now = old.get(key), fresh[key]
@@ -377,7 +379,8 @@ def summarize(record: dict) -> dict:
     verdicts are complete (including radii of earlier runs into the same folder)."""
     clean = [v for v in record["clean"] if v is not None]
     out = {"n": len(clean), "clean": 100.0 * sum(clean) / max(len(clean), 1), "robust": {},
-           "kind": record["kind"], "n_classes": record["n_classes"], "n_total": record["n_total"]}
+           "kind": record["kind"], "n_classes": record["n_classes"], "n_total": record["n_total"],
+           "image_size": record.get("image_size")}
     for key in sorted_eps(record["robust"]):
         flags = record["robust"][key]
         if flags and all(v is not None for v in flags):

@@ -10,7 +10,8 @@ Schema (accuracies in percent; other keys may be added, these stay)::
           "attack": {...},                       # the attack this row was evaluated with
           "datasets": {
             DATASET: {"n": INT, "clean": FLOAT, "robust": {"1/255": FLOAT, ...},
-                      "kind": "zeroshot" | "classification", "n_classes": INT, "n_total": INT}
+                      "kind": "zeroshot" | "classification", "n_classes": INT, "n_total": INT,
+                      "image_size": INT | null}     # pixels the set was attacked at (null: native)
           },
           "average": {"datasets": [NAMES], "clean": FLOAT | null, "robust": {"1/255": FLOAT, ...}}
         }
@@ -251,7 +252,7 @@ def same_weights(stored: str | None, now: str | None) -> bool:
     link). Whether that file changed since is the ``weights_file`` stamp's question."""
     if stored == now:
         return True
-    if stored is None or now is None:
+    if not (isinstance(stored, str) and isinstance(now, str)):  # None, or a record edited by hand
         return False
     try:
         return os.path.samefile(stored, now)
