@@ -21,7 +21,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   || { echo "wheel install failed" | tee "$OUT/failed.txt"; exit 1; }
 export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 timeout 60 python3 benchmarks/attack_update.py 2>&1 | tee "$OUT/update/update.txt"
-BENCH_TIMEOUT=300 BENCH_ARGS="--compile on --check --update-ab --repeat 2 --profile" OUT=$OUT/step \
+BENCH_TIMEOUT=300 BENCH_ARGS="--compile on --check --update-ab --repeat 2 --profile 45" OUT=$OUT/step \
   bash benchmarks/gpu_run.sh --compile-mode reduce-overhead
 BENCH_TIMEOUT=150 BENCH_ARGS="--compile on --check --no-reference" OUT=$OUT/torch \
   bash benchmarks/gpu_run.sh --compile-mode reduce-overhead --attention torch

@@ -79,8 +79,9 @@ def parse_args(argv=None):
                    help="after the compiled variants, also compile each whole PGD iteration (train.compile_attack)")
     p.add_argument("--repeat", type=int, default=0,
                    help="time the last configuration's cached step this many more times (spread)")
-    p.add_argument("--profile", action="store_true",
-                   help="print torch.profiler's top operators for one steady step of the last (b) variant")
+    p.add_argument("--profile", nargs="?", type=int, const=25, default=0, metavar="ROWS",
+                   help="print torch.profiler's top ROWS operators (default 25) for one steady step of the last "
+                        "(b) variant")
     p.add_argument("--patch-embed", default="auto", choices=PATCH_EMBEDS,
                    help="train.patch_embed of (b): auto = matmul on a GPU (the reference keeps the convolution)")
     p.add_argument("--last-block", default="auto", choices=LAST_BLOCKS,
@@ -654,7 +655,7 @@ def main(argv=None) -> int:
             stage("repeat", time_trainer_variants, args, trainer, timer, batches, f"repeat{i + 1}", reference_ips,
                   flops, variants=("cache",))
         if args.profile:
-            stage("profile", profile_step, args, trainer, batches, timer)
+            stage("profile", profile_step, args, trainer, batches, timer, rows=args.profile)
         summary = {k: v for k, v in summary.items() if v}
         print("\nsummary (images/s)", flush=True)
         if reference_ips:
