@@ -316,6 +316,22 @@ def test_images_replaced_in_place_are_not_mistaken_for_the_evaluated_ones(world_
         == first["models"]
 
 
+def test_an_unreadable_image_stops_the_evaluation_and_names_the_file(world_dir, tmp_path):
+    """Training reads the next readable image instead of a broken one; evaluation must not, or
+    that neighbour would be counted twice in the accuracy."""
+    import shutil
+
+    world = tmp_path / "world"
+    shutil.copytree(world_dir, world)
+    (entry,) = world_datasets(world, sets=["world-shapes"])
+    broken = Path(entry.dataset.files[3])
+    broken.write_bytes(b"not a png")
+    with pytest.raises(DataError, match=f"Cannot read image {broken}"):
+        run_eval([ModelEntry("m", TINY)], world_datasets(world, sets=["world-shapes"]), ["1/255"],
+                 AttackSpec(name="pgd", iterations=1), n_samples=None, batch_size=4, out_dir=tmp_path / "eval",
+                 progress=False)
+
+
 def test_dataset_digest_covers_labels_and_unreadable_files(tmp_path):
     from types import SimpleNamespace
 

@@ -4,6 +4,12 @@ An entry pairs a dataset yielding ``(image in [0, 1], label, index)`` with the z
 class names and templates. ImageNet (the RobustBench 5 000-image list) and the offline world's
 classification split are of kind ``classification`` (the training distribution) and stay out of
 the zero-shot average; the clip-benchmark suite and the world's zero-shot sets are ``zeroshot``.
+
+Every set is read strictly: an image that cannot be read stops the evaluation with an error
+naming the file (as torchvision's folders and clip-benchmark's shards do), where training reads
+the next readable image instead: a replaced image would be counted twice in the accuracy. The
+set's records were written on the unreadable file, so once it is fixed they are refused as
+records of other images (the message says which file to delete); other sets' records stay.
 """
 
 from __future__ import annotations
@@ -56,11 +62,11 @@ def world_datasets(
     out = []
     for name in names:
         if name == "world":
-            ds = world.classification("val", image_size=image_size)
+            ds = world.classification("val", image_size=image_size, strict=True)
             out.append(DatasetEntry(name, ds, list(world.classnames), list(world.templates), "classification"))
         else:
             short = name[len("world-"):]
-            ds = world.zeroshot_set(short, image_size=image_size)
+            ds = world.zeroshot_set(short, image_size=image_size, strict=True)
             info = world.zeroshot[short]
             out.append(DatasetEntry(name, ds, list(info["classnames"]), list(info["templates"])))
     return out
@@ -79,9 +85,9 @@ def imagenet_dataset(
     from mmtard.zeroshot import imagenet_templates
 
     if full_val:
-        ds = imagenet_folder(root, "val", image_size=image_size)
+        ds = imagenet_folder(root, "val", image_size=image_size, strict=True)
     else:
-        ds = imagenet_val_subset(root, list_file=list_file, image_size=image_size)
+        ds = imagenet_val_subset(root, list_file=list_file, image_size=image_size, strict=True)
     if len(ds.classnames) != 1000:  # labels and head would cover the folders present: not ImageNet accuracy
         raise DataError(
             f"imagenet: {root} has {len(ds.classnames)} <wnid> class folders under val/, not 1000, so labels and "
@@ -143,7 +149,7 @@ def suite_datasets(names: Sequence[str], root: str | Path, image_size: int | Non
             ds, classnames, templates = benchmark_shard_set(name, where, size)
             out.append(DatasetEntry(name, ds, classnames, templates))
             continue
-        ds = build_zeroshot_dataset(name, where, image_size=size)
+        ds = build_zeroshot_dataset(name, where, image_size=size, strict=True)
         classnames = suite_classnames(name) or list(ds.classnames)
         out.append(DatasetEntry(name, ds, classnames, list(ds.templates)))
     return out
