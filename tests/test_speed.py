@@ -175,6 +175,19 @@ def test_compiled_attack_in_the_trainer_gives_the_eager_loss(world_dir, tmp_path
     assert len(graphs) == 1
 
 
+def test_fused_update_in_the_trainer_gives_the_eager_loss(world_dir, tmp_path):
+    """train.compile's fused PGD update in the real step: the eager loss exactly (the same
+    element-wise operations), the update traced once over several steps (one batch size)."""
+    trainer, batch = _fp32_trainer(world_dir, tmp_path / "run")
+    eager = _method_loss(trainer, batch)
+    graphs: list = []
+    trainer.method.attack_iteration = fused_update_iteration(backend=_counting_backend(graphs))
+    assert torch.equal(_method_loss(trainer, batch), eager)
+    for _ in range(2):
+        assert torch.isfinite(trainer._train_step(iter([batch]), {})["loss"])
+    assert len(graphs) == 1
+
+
 def test_train_compile_attack_switch(world_dir, tmp_path):
     on = Trainer(load_config(None, _overrides(world_dir, **{"train.compile_attack": "true"})), tmp_path / "on",
                  show_progress=False)
