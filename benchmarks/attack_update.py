@@ -21,22 +21,9 @@ import time
 
 import torch
 
+from attention_kernels import time_call  # this folder
 from mmtard.attacks import PGDConfig, ascent
 from mmtard.speed import fused_update_iteration
-
-
-def time_call(fn, device: torch.device, warmup: int, iters: int) -> float:
-    """Seconds per call of ``fn`` after ``warmup`` calls, between device synchronisations."""
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / iters
 
 
 def main(argv=None) -> int:

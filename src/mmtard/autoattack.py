@@ -213,10 +213,11 @@ def _pgd_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, s
     generator = torch.Generator(device=x.device).manual_seed(seed)
     broken = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     found = x.clone()
+    per_image = (-1,) + (1,) * (x.dim() - 1)  # a flag per image, broadcast over its pixels
 
     def note(z: torch.Tensor, logits: torch.Tensor) -> None:  # in place and without a host sync
         newly = logits.argmax(1).ne(y) & ~broken
-        torch.where(newly.view(-1, *[1] * (x.dim() - 1)), z.detach(), found, out=found)
+        torch.where(newly.view(per_image), z.detach(), found, out=found)
         broken.logical_or_(newly)
 
     def loss(z: torch.Tensor) -> torch.Tensor:
@@ -227,7 +228,7 @@ def _pgd_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, s
     x_adv = pgd(loss, x, cfg, model=model, generator=generator)
     with torch.no_grad(), eval_mode(model):  # as the iterates were classified
         note(x_adv, model(x_adv))
-    return torch.where(broken.view(-1, *[1] * (x.dim() - 1)), found, x_adv), broken
+    return torch.where(broken.view(per_image), found, x_adv), broken
 
 
 @contextlib.contextmanager

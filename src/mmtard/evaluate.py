@@ -4,8 +4,9 @@ The protocol of METHOD.md §8: each model is a :class:`~mmtard.models.CLIPClassi
 logit scale (``scale=None``) and its own text embeddings of the dataset's class names and
 templates; sets of one image size enter at native resolution and the classifier's resize counts
 as part of the model, so eps is in the dataset's pixel space (sets of mixed sizes are resized to
-the model's input size first, see :mod:`mmtard.eval_sets` and ``mmtard eval``). Robust accuracy comes from AutoAttack
-(:mod:`mmtard.autoattack`); clean-misclassified samples count as non-robust and are not attacked.
+the model's input size first, see :mod:`mmtard.eval_sets` and ``mmtard eval``). Robust accuracy
+comes from AutoAttack (:mod:`mmtard.autoattack`); clean-misclassified samples count as non-robust
+and are not attacked.
 
 Resumable and mergeable: per-sample verdicts live in ``out_dir/samples/<row>/<dataset>.json`` and
 are rewritten atomically after every batch and eps, so an evaluation killed midway recomputes only
