@@ -476,3 +476,45 @@ def test_openai_weights_get_quick_gelu_from_the_tag_and_exported_files_keep_thei
     with caplog.at_level("WARNING"):
         assert not uses_quick_gelu(create_clip(ModelSpec(TINY, str(tmp_path / "old.safetensors"))))
     assert "quickgelu" not in caplog.text
+
+
+def test_normalisation_in_the_tower_gives_the_same_features_and_input_gradient():
+    """``normalise_in_tower`` moves the mean/std step from ``prepare`` into the tower's call: the
+    same features and input gradient bit for bit, once (idempotent), resize still in ``prepare``."""
+    torch.manual_seed(0)
+    model = CLIPClassifier(_clip(), _unit_columns(64, 3))
+    x = torch.rand(2, 3, 20, 20, requires_grad=True)  # resized to 32 first
+    outside = model(x)
+    (grad_outside,) = torch.autograd.grad(outside.sum(), x)
+    model.normalise_in_tower()
+    model.normalise_in_tower()
+    assert model.tower_normalises and len(model.visual._forward_pre_hooks) == 1
+    assert model.prepare(x).shape[-2:] == (32, 32)
+    torch.testing.assert_close(model.prepare(x), F.interpolate(x, size=(32, 32), mode="bicubic"), rtol=0, atol=0)
+    inside = model(x)
+    (grad_inside,) = torch.autograd.grad(inside.sum(), x)
+    assert torch.equal(inside, outside) and torch.equal(grad_inside, grad_outside)
+
+
+def test_a_compiled_tower_traces_the_normalisation_it_holds():
+    """What the move is for: torch.compile of the tower (in place, as ``train.compile``) sees the
+    subtraction and division in its graph, so inductor fuses them into the tower's first kernel."""
+    import operator
+
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    model = CLIPClassifier(_clip(), _unit_columns(64, 3))
+    model.normalise_in_tower()
+    model.visual.compile(backend=recording_backend, dynamic=False)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        features = model.image_features(x)
+    targets = {node.target for graph in graphs for node in graph.graph.nodes}
+    assert {operator.sub, operator.truediv} <= targets
+    model.visual._compiled_call_impl = None
+    with torch.no_grad():  # eager, torch's multi-head attention takes its fused path: rounding only
+        torch.testing.assert_close(model.image_features(x), features, rtol=1e-5, atol=1e-6)

@@ -15,8 +15,9 @@ from mmtard.config import TrainConfig, load_config
 from mmtard.errors import ConfigError
 from mmtard.speed import (attention_kernel, check_attention_kernel, compile_attack_iteration, compile_method,
                           fused_update_iteration, input_grad_only)
-from mmtard.tower_rewrites import (ClassTokenBlock, PatchEmbedding, class_token_last_block, image_towers,
-                                   matmul_patch_embedding, wants_class_token_last_block, wants_short_attention)
+from mmtard.tower_rewrites import (ClassTokenBlock, PatchEmbedding, class_token_last_block, classifiers,
+                                   image_towers, matmul_patch_embedding, wants_class_token_last_block,
+                                   wants_short_attention)
 from mmtard.trainer import Trainer
 
 TEACHERS = "teachers=[{name: mmtard-small-vit, role: clean}, {name: mmtard-small-vit, role: robust}]"
@@ -88,8 +89,10 @@ def test_train_compile_switch_compiles_every_image_tower_and_the_attack_update(w
     assert len(towers) == 3 and all(t._compiled_call_impl is not None for t in towers)
     iteration = on.method.attack_iteration
     assert iteration.func is pgd_iteration and iteration.keywords["update"]._torchdynamo_orig_callable is ascent
+    assert all(model.tower_normalises for model in classifiers(on.method))  # traced with the towers
     off = Trainer(load_config(None, _overrides(world_dir)), tmp_path / "off", show_progress=False)
     assert all(t._compiled_call_impl is None for t in image_towers(off.method))
+    assert not any(model.tower_normalises for model in classifiers(off.method))
     assert off.method.attack_iteration is pgd_iteration
 
 

@@ -365,6 +365,8 @@ class CLIPClassifier(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.image_size = size
         self.scale = scale
+        #: whether the image tower normalises its own input (:meth:`normalise_in_tower`)
+        self.tower_normalises = False
         self.register_buffer("text_weights", torch.empty(0), persistent=False)
         if text_weights is not None:
             self.set_text_weights(text_weights)
@@ -382,13 +384,31 @@ class CLIPClassifier(nn.Module):
         self.text_weights = text_weights.to(device=self.mean.device, dtype=torch.float32)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """Resize to the model's input size and normalise; differentiable, so attacks pass through.
+        """Resize to the model's input size and normalise (unless the tower does:
+        :meth:`normalise_in_tower`); differentiable, so attacks pass through.
 
         Bicubic without antialiasing: the resize the release's CLIP_benchmark puts in front of
         CIFAR and STL-10 models (torchvision's ``Resize(BICUBIC, antialias=None)`` on a tensor)."""
         if tuple(x.shape[-2:]) != self.image_size:
             x = F.interpolate(x, size=self.image_size, mode="bicubic", align_corners=False, antialias=False)
+        return x if self.tower_normalises else self.normalise(x)
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's mean/std normalisation of [0, 1] images at its input size."""
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def normalise_in_tower(self) -> None:
+        """Move the normalisation from :meth:`prepare` into the image tower's own call (a forward
+        pre-hook on ``clip.visual``): the same operations on the same tensors, so the same
+        features bit for bit, but a compiled tower (``train.compile``) now traces them and fuses
+        them into its first kernel. Eager, they are two kernels over the fp32 image batch, plus one
+        more for their input gradient in every PGD iteration (77 MB each at batch 128 and 224 px).
+        Idempotent; :meth:`prepare` and the tower stay consistent because both follow
+        :attr:`tower_normalises`."""
+        if self.tower_normalises:
+            return
+        self.visual.register_forward_pre_hook(_TowerInputNormalisation(self))
+        self.tower_normalises = True
 
     def image_features(self, x: torch.Tensor) -> torch.Tensor:
         """Unnormalised image embedding (FARE matches these)."""
@@ -414,6 +434,18 @@ class CLIPClassifier(nn.Module):
         if output == "features":
             return self.image_features(x)
         return self.logits(x)
+
+
+class _TowerInputNormalisation:
+    """The forward pre-hook of :meth:`CLIPClassifier.normalise_in_tower`: normalises the tower's
+    image argument with its classifier's mean/std (read at each call, so they follow ``.to()``)."""
+
+    def __init__(self, classifier: CLIPClassifier):
+        self.classifier = classifier
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple:
+        del module
+        return (self.classifier.normalise(args[0]),) + tuple(args[1:])
 
 
 def freeze(module: nn.Module) -> nn.Module:

@@ -34,13 +34,17 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
+def classifiers(method: nn.Module) -> list[nn.Module]:
+    """The classifiers a method runs each step: student, teachers, reference (if any)."""
+    models = [method.student, *method.teachers]
+    if getattr(method, "reference", None) is not None:
+        models.append(method.reference)
+    return models
+
+
 def image_towers(method: nn.Module) -> list[nn.Module]:
     """The image encoders a method runs each step: student, teachers, reference (if any)."""
-    towers = [method.student.clip.visual]
-    towers += [teacher.clip.visual for teacher in method.teachers]
-    if getattr(method, "reference", None) is not None:
-        towers.append(method.reference.clip.visual)
-    return towers
+    return [model.clip.visual for model in classifiers(method)]
 
 
 # ---------------------------------------------------------------------------------------------- patch embedding
