@@ -11,6 +11,10 @@ each kernel ``train.attention`` can force, alone, at the step's three shapes:
 * ``update``: the same at batch 2B (clean and adversarial images), forward and backward (1);
 * ``teacher``: ViT-L-14, batch B, 16 heads, 257 tokens: forward only (1 per step, no grad).
 
+``split`` is mmtard's forward-only kernel with the class token apart (``train.teacher_attention:
+split``, :mod:`mmtard.split_attention`) at the teacher's shape, and the short kernel (what
+``train.attention: auto`` gives the student on a GPU) at the other two.
+
 Per kernel and shape: microseconds per call and TFLOP/s (attention FLOPs: 4 B H L^2 d forward,
 2.5 times that for the backward), or why the kernel refused. Use the fastest with
 ``train.attention`` and confirm with ``step_throughput.py --attention``.
@@ -100,16 +104,18 @@ def packed(q, k, v) -> torch.Tensor:
     return torch.cat([t.detach().transpose(1, 2).reshape(batch, tokens, heads * dim) for t in (q, k, v)], -1)
 
 
-def short_error(q, k, v, backward: bool) -> str:
-    """Largest difference of the short kernel's output (and input gradient) from torch's attention."""
-    from mmtard.short_attention import applies, reference_attention, short_attention
+def kernel_error(kernel: str, q, k, v, backward: bool) -> str:
+    """Largest difference of mmtard's kernel's (``short`` or ``split``) output (and input gradient)
+    from torch's attention."""
+    from mmtard import short_attention, split_attention
 
+    module = split_attention if kernel == "split" else short_attention
+    attend = getattr(module, f"{kernel}_attention")
     heads = q.shape[1]
-    qkv = packed(q, k, v)
-    if not applies(qkv, heads):
+    qkv = packed(q, k, v).requires_grad_(backward)
+    if not module.applies(qkv, heads):
         return "n/a"
-    qkv.requires_grad_(backward)
-    out, ref = short_attention(qkv, heads), reference_attention(qkv, heads)
+    out, ref = attend(qkv, heads), short_attention.reference_attention(qkv, heads)
     text = f"{(out.float() - ref.float()).abs().max().item():.3g}"
     if backward:
         grad_out = torch.randn_like(out)
@@ -123,6 +129,17 @@ def attention_call(kernel: str, q, k, v, backward: bool):
     ``short`` runs mmtard's kernel on the fused projection [B, L, 3E] the towers give it, where it
     applies, and torch's choice (as in the towers) where it does not."""
     grad_out = torch.randn_like(q) if backward else None
+    if kernel == "split":  # the frozen teacher's gradient-free calls; the student's as train.attention auto
+        from mmtard.split_attention import applies, split_attention
+
+        qkv = packed(q, k, v)
+        if not backward and applies(qkv, q.shape[1]):
+            def split_call():
+                split_attention(qkv, q.shape[1])
+
+            split_call.served_by = "split"
+            return split_call
+        kernel = "short"
     if kernel.startswith("short"):
         from mmtard.short_attention import applies, short_attention
 
@@ -174,7 +191,7 @@ def main(argv=None) -> int:
         q, k, v = (torch.randn(b, heads, tokens, dim, generator=g).to(device, dtype).requires_grad_(backward)
                    for _ in range(3))
         flops = 4 * b * heads * tokens * tokens * dim * (3.5 if backward else 1.0)
-        kernels = [k for k in ATTENTION_KERNELS if k not in ("auto", "short")] + list(SHORT_VARIANTS)
+        kernels = [k for k in ATTENTION_KERNELS if k not in ("auto", "short")] + list(SHORT_VARIANTS) + ["split"]
         for kernel in kernels:
             try:
                 fn = attention_call(kernel, q, k, v, backward)
@@ -188,7 +205,8 @@ def main(argv=None) -> int:
             seconds = graphed if graphed is not None else eager  # a compiled step replays graphs
             step_seconds[kernel] = step_seconds.get(kernel, 0.0) + calls * seconds
             served[kernel] = served.get(kernel, 0) + 1
-            error = f" max_abs_diff={short_error(q, k, v, backward)}" if kernel == "short" else ""
+            mine = fn.served_by if fn.served_by in ("short", "split") and kernel in ("short", "split") else None
+            error = f" max_abs_diff={kernel_error(mine, q, k, v, backward)}" if mine else ""
             print(f"RESULT {shape} kernel={kernel} us_per_call={seconds * 1e6:.1f} eager_us={eager * 1e6:.1f} "
                   f"graph={graphed is not None} tflops={flops / seconds / 1e12:.2f} backward={backward} "
                   f"shape={b}x{heads}x{tokens}x{dim} served_by={fn.served_by}{error}", flush=True)

@@ -13,9 +13,10 @@ In ONE process, with random weights (timing does not depend on their values):
     ``train.compile`` (compile time reported separately) and, with ``--compile-attack``, with
     ``train.compile_attack`` on top (each whole PGD iteration one compiled graph). Like the
     trainer, (b) runs the exact tower rewrites of :mod:`mmtard.tower_rewrites` as configured
-    (``--patch-embed``, ``--last-block`` and ``--attention``, default ``auto``: on a GPU): the
-    patch embedding as a matrix product, a last block that computes the class token alone,
-    mmtard's short-sequence attention; its compiled variants also fuse the attack's update, as
+    (``--patch-embed``, ``--last-block`` and ``--attention``, default ``auto``: on a GPU; and
+    ``--teacher-attention``): the patch embedding as a matrix product, a last block that computes
+    the class token alone, mmtard's short-sequence attention (and, with ``--teacher-attention
+    split``, its class-token-apart attention in the teachers); its compiled variants also fuse the attack's update, as
     ``train.compile`` does (``--update-ab`` times them without).
     They are applied after (a) and the fp32 loss check, which keep open_clip's towers as the
     release does.
@@ -51,7 +52,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
-from mmtard.config import ATTENTION_KERNELS, COMPILE_MODES, LAST_BLOCKS, PATCH_EMBEDS  # noqa: E402  (after the path set-up)
+from mmtard.config import (ATTENTION_KERNELS, COMPILE_MODES, LAST_BLOCKS, PATCH_EMBEDS,  # noqa: E402  (after the path set-up)
+                           TEACHER_ATTENTION)
 
 
 def parse_args(argv=None):
@@ -87,6 +89,9 @@ def parse_args(argv=None):
     p.add_argument("--last-block", default="auto", choices=LAST_BLOCKS,
                    help="train.last_block of (b): auto = class token alone on a GPU (the reference keeps "
                         "open_clip's full block)")
+    p.add_argument("--teacher-attention", default="auto", choices=TEACHER_ATTENTION,
+                   help="train.teacher_attention of (b): split = mmtard's kernel with the class token apart in the "
+                        "frozen teachers; auto (for now) and torch keep --attention's choice there")
     p.add_argument("--attention", default="auto", choices=ATTENTION_KERNELS,
                    help="train.attention of (b): auto (short on a GPU), torch's choice, mmtard's short-sequence "
                         "kernel or one of torch's (see attention_kernels.py)")
@@ -207,8 +212,9 @@ def build_trainer(args, workdir: Path, compile_: bool):
         train=TrainConfig(steps=10**6, global_batch=args.batch, device=str(args.device), precision=args.precision,
                           log_every=10**6, ckpt_every=10**6, clean_teacher_cache=True, compile=compile_,
                           # open_clip's towers for the reference; main() rewrites them per
-                          # --patch-embed, --last-block and --attention (short, auto on a GPU)
-                          patch_embed="conv", last_block="full",
+                          # --patch-embed, --last-block, --attention (short, auto on a GPU) and
+                          # --teacher-attention
+                          patch_embed="conv", last_block="full", teacher_attention="torch",
                           attention="torch" if args.attention in ("auto", "short") else args.attention),
     )
     validate(config)
@@ -595,15 +601,14 @@ def main(argv=None) -> int:
             stage("autoattack", time_autoattack, args, trainer.student, device, timer)
         from mmtard import tower_rewrites
 
-        # what train.patch_embed, train.last_block and train.attention (auto: on a GPU) do in
-        # factory.build_method
-        towers = tower_rewrites.image_towers(trainer.method)
-        if tower_rewrites.wants_matmul_patch_embedding(args.patch_embed, device):
-            emit("patch_embed", mode="matmul", towers=tower_rewrites.matmul_patch_embedding(towers))
-        if tower_rewrites.wants_class_token_last_block(args.last_block, device):
-            emit("last_block", mode="class_token", towers=tower_rewrites.class_token_last_block(towers))
-        if tower_rewrites.wants_short_attention(args.attention, device):
-            emit("attention", mode="short", towers=tower_rewrites.short_sequence_attention(towers))
+        # what train.patch_embed, train.last_block, train.attention (auto: on a GPU) and
+        # train.teacher_attention do in factory.build_method
+        done = tower_rewrites.rewrite_towers(trainer.method, device, args.patch_embed, args.last_block, args.attention,
+                                             args.teacher_attention)
+        for setting, mode in (("patch_embed", "matmul"), ("last_block", "class_token"), ("attention", "short"),
+                              ("teacher_attention", "split")):
+            if setting in done:
+                emit(setting, mode=mode, towers=done[setting])
         flops = stage("flops", measure_flops, args, trainer, batches, timer) or {}
         summary = {}
         if args.compile in ("off", "both") and not args.no_eager:

@@ -30,7 +30,8 @@ def test_tiny_benchmark_prints_every_field(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", MMTARD_CACHE_DIR=str(tmp_path / "cache"))
     args = [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--steps", "1", "--warmup", "1",
             "--ref-steps", "1", "--pgd-steps", "2", "--eval", "--eval-n", "4", "--eval-iterations", "2",
-            "--check", "--profile", "--attention", "math", "--patch-embed", "matmul", "--last-block", "class_token"]
+            "--check", "--profile", "--attention", "math", "--patch-embed", "matmul", "--last-block", "class_token",
+            "--teacher-attention", "split"]
     proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = {}
@@ -51,6 +52,7 @@ def test_tiny_benchmark_prints_every_field(tmp_path):
     assert {"clean_teacher_s", "attack_s", "robust_teacher_s", "student_update_s"} <= set(results["breakdown_eager"])
     assert results["patch_embed"] == {"mode": "matmul", "towers": "3"}
     assert results["last_block"] == {"mode": "class_token", "towers": "3"}
+    assert results["teacher_attention"] == {"mode": "split", "towers": "2"}  # the frozen teachers only
     assert float(results["check_eager"]["rel_diff_pgd2"]) < 0.05  # the fast step keeps the loss
     assert "profile" in results and "Self CPU" in proc.stdout
     assert re.search(r"\(b\) eager +cache", proc.stdout)
@@ -86,7 +88,8 @@ def test_attention_kernel_benchmark_runs(capsys, monkeypatch):
     per_call = {(f[1], f[2]): float(next(x for x in f if x.startswith("us_per_call="))[12:]) for f in lines
                 if any(x.startswith("us_per_call=") for x in f)}
     step = {f[2]: float(f[3].split("=")[1]) for f in lines if f[1] == "step_attention"}
-    assert set(step) == {"kernel=torch", "kernel=flash", "kernel=math", "kernel=short", "kernel=short-bwd8"}
+    assert set(step) == {"kernel=torch", "kernel=flash", "kernel=math", "kernel=short", "kernel=short-bwd8",
+                         "kernel=split"}
     expected = sum(calls * per_call[(shape, "kernel=math")] for shape, calls in
                    (("student", 120), ("update", 12), ("teacher", 24))) / 1e3
     assert step["kernel=math"] == pytest.approx(expected, rel=1e-2, abs=0.02)

@@ -43,6 +43,12 @@ for dtype, atol in ((torch.float32, 2e-6), (torch.float16, 3e-3)):
         ref_grad, = torch.autograd.grad(ref, exact, grad_out.double())
         torch.testing.assert_close(out.double(), ref, atol=atol, rtol=0)
         torch.testing.assert_close(grad.double(), ref_grad, atol=4 * atol, rtol=0)
+# torch's FLOP counter counts the kernels as it counts its own attention: backward twice the forward
+from torch.utils.flop_counter import FlopCounterMode
+qkv = torch.randn(2, 50, 3 * 2 * 32, requires_grad=True)
+with FlopCounterMode(display=False) as counter:
+    torch.autograd.grad(short_attention(qkv, 2).sum(), qkv)
+assert counter.get_total_flops() == 3 * 4 * 2 * 50 * 50 * 64, counter.get_total_flops()
 # a strided view of a larger projection is read in place
 wide = torch.randn(2, 9, 4 * 64)
 torch.testing.assert_close(short_attention(wide[..., :192], 1), reference_attention(wide[..., :192], 1))

@@ -56,6 +56,11 @@ LAST_BLOCKS = ("auto", "full", "class_token")
 #: torch leaves torch's choice everywhere; flash ... math force one of torch's kernels
 #: (mmtard.speed.attention_kernel); auto: short on a GPU, torch on a CPU
 ATTENTION_KERNELS = ("auto", "torch", "short", "flash", "efficient", "cudnn", "math")
+#: train.teacher_attention: split runs the frozen towers' (teachers', reference's) gradient-free
+#: attention over more than 64 tokens through mmtard's kernel that takes the class token apart
+#: (mmtard.split_attention: 257 tokens tile as 256 + 1); auto and torch keep train.attention's
+#: choice there (auto: until the kernel has been timed on a GPU)
+TEACHER_ATTENTION = ("auto", "torch", "split")
 
 
 @dataclass
@@ -154,6 +159,7 @@ class TrainConfig:
     patch_embed: str = "auto"
     last_block: str = "auto"
     attention: str = "auto"
+    teacher_attention: str = "auto"
 
 
 @dataclass
@@ -390,6 +396,9 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.last_block: '{train.last_block}' is not one of {', '.join(LAST_BLOCKS)}")
     if train.attention not in ATTENTION_KERNELS:
         raise ConfigError(f"train.attention: '{train.attention}' is not one of {', '.join(ATTENTION_KERNELS)}")
+    if train.teacher_attention not in TEACHER_ATTENTION:
+        raise ConfigError(f"train.teacher_attention: '{train.teacher_attention}' is not one of "
+                          f"{', '.join(TEACHER_ATTENTION)}")
     METHODS[method.name].check_config(config)
 
 

@@ -129,16 +129,11 @@ def build_method(config: Config, student: CLIPClassifier, teachers: list[Teacher
     train = config.train
     device = next(student.parameters()).device
     # exact rewrites, before compiling so that the compiled towers trace them
-    towers = tower_rewrites.image_towers(method)
-    if tower_rewrites.wants_matmul_patch_embedding(train.patch_embed, device):
-        tower_rewrites.matmul_patch_embedding(towers)
-    if tower_rewrites.wants_class_token_last_block(train.last_block, device):
-        tower_rewrites.class_token_last_block(towers)
-    if tower_rewrites.wants_short_attention(train.attention, device):
-        if not tower_rewrites.short_sequence_attention(towers[:1]) and train.attention == "short":
-            log.warning("train.attention=short: the student's image tower is not an open_clip ViT of at most %d "
-                        "tokens, so it keeps torch's attention", short_attention.MAX_TOKENS)
-        tower_rewrites.short_sequence_attention(towers[1:])
+    done = tower_rewrites.rewrite_towers(method, device, train.patch_embed, train.last_block, train.attention,
+                                         train.teacher_attention)
+    if train.attention == "short" and not done["student_attention"]:
+        log.warning("train.attention=short: the student's image tower is not an open_clip ViT of at most %d "
+                    "tokens, so it keeps torch's attention", short_attention.MAX_TOKENS)
     if train.compile or train.compile_attack:
         speed.tag_compile_caches(train.attention)  # both trace the attention kernel into graphs
     if train.compile:  # in place: parameter names, checkpoints and exports are unchanged

@@ -31,6 +31,7 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import register_flop_formula
 
 #: the longest sequence the kernel takes (one block of rows); longer ones use torch's attention
 MAX_TOKENS = 64
@@ -192,6 +193,23 @@ if triton is not None:
 
     _short_attention.register_autograd(_backward, setup_context=_setup_context)
 
+    # torch's FLOP counter (benchmarks/step_throughput.py) counts these as it counts its own
+    # attention: 4 B L^2 E forward (two products), twice that backward (four)
+    @register_flop_formula(torch.ops.mmtard.short_attention)
+    def _short_attention_flops(qkv_shape, num_heads, out_shape=None, **kwargs) -> int:
+        return attention_flops(qkv_shape)
+
+    @register_flop_formula(torch.ops.mmtard.short_attention_backward)
+    def _short_attention_backward_flops(qkv_shape, grad_out_shape, lse_shape, num_heads, out_shape=None,
+                                        **kwargs) -> int:
+        return 2 * attention_flops(qkv_shape)
+
+
+def attention_flops(qkv_shape) -> int:
+    """FLOPs of softmax self-attention's two products over a fused projection of shape [B, L, 3E]."""
+    batch, length, three_embed = qkv_shape
+    return 4 * batch * length * length * (three_embed // 3)
+
 
 def short_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Softmax self-attention of a fused projection ``qkv`` [B, L, 3E] (queries, keys, values, each
@@ -225,7 +243,11 @@ what it does not cover (masks, attention weights, separate keys, attention dropo
                  and self.bias_k is None and not self.add_zero_attn and not (self.training and self.dropout > 0))
         if plain:  # the parent's packed projection, attention and output projection, without its copies
             qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)
-            attend = short_attention if applies(qkv, self.num_heads) else reference_attention
-            return self.out_proj(attend(qkv, self.num_heads)), None
+            return self.out_proj(self.attend(qkv)), None
         return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
+
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """The attention of the fused projection: this kernel where it applies, torch's elsewhere
+        (:class:`mmtard.split_attention.SplitClassTokenAttention` adds its own)."""
+        return (short_attention if applies(qkv, self.num_heads) else reference_attention)(qkv, self.num_heads)

@@ -20,6 +20,9 @@ place to the method's :func:`image_towers`, before ``torch.compile``, so compile
 * :func:`short_sequence_attention` (``train.attention: short``, and ``auto`` on a GPU): towers of at most 64 tokens run
   their self-attention through :mod:`mmtard.short_attention`, one Triton program per image and
   head, instead of torch's kernels built for long sequences.
+* :func:`split_class_token_attention` (``train.teacher_attention: split``): the frozen towers'
+  gradient-free attention over longer sequences (a ViT-L-14 teacher: 257 tokens) runs through
+  :mod:`mmtard.split_attention`, which tiles the patch tokens alone and takes the class token apart.
 """
 
 from __future__ import annotations
@@ -45,6 +48,26 @@ def classifiers(method: nn.Module) -> list[nn.Module]:
 def image_towers(method: nn.Module) -> list[nn.Module]:
     """The image encoders a method runs each step: student, teachers, reference (if any)."""
     return [model.clip.visual for model in classifiers(method)]
+
+
+def rewrite_towers(method: nn.Module, device: torch.device, patch_embed: str = "auto", last_block: str = "auto",
+                   attention: str = "auto", teacher_attention: str = "auto") -> dict[str, int]:
+    """Apply, in place, the rewrites that ``train.patch_embed``, ``train.last_block``,
+    ``train.attention`` and ``train.teacher_attention`` ask for on ``device``; returns how many
+    towers each rewrote (``student_attention``: the student's tower alone, 0 or 1). Run before
+    ``torch.compile``, so compiled towers trace them."""
+    towers = image_towers(method)
+    done: dict[str, int] = {}
+    if wants_matmul_patch_embedding(patch_embed, device):
+        done["patch_embed"] = matmul_patch_embedding(towers)
+    if wants_class_token_last_block(last_block, device):
+        done["last_block"] = class_token_last_block(towers)
+    if wants_short_attention(attention, device):
+        done["student_attention"] = short_sequence_attention(towers[:1])
+        done["attention"] = done["student_attention"] + short_sequence_attention(towers[1:])
+    if wants_split_attention(teacher_attention, device):
+        done["teacher_attention"] = split_class_token_attention(towers[1:])
+    return done
 
 
 # ---------------------------------------------------------------------------------------------- patch embedding
@@ -210,4 +233,35 @@ def short_sequence_attention(towers: Iterable[nn.Module]) -> int:
                     attention.__class__ = ShortSequenceAttention
             changed += bool(attentions)
     log.info("short-sequence attention in %d image towers", changed)
+    return changed
+
+
+def wants_split_attention(setting: str, device: torch.device) -> bool:
+    """``train.teacher_attention``: ``split`` asks for :mod:`mmtard.split_attention` in the frozen
+    towers; ``auto`` keeps torch's attention there until the kernel has been timed on a GPU (it has
+    not yet), as ``torch`` does."""
+    del device
+    return setting == "split"
+
+
+def split_class_token_attention(towers: Iterable[nn.Module]) -> int:
+    """Give every attention module of the open_clip ViTs in ``towers`` (frozen ones: teachers,
+    reference) the class :class:`mmtard.split_attention.SplitClassTokenAttention`, in place
+    (parameters and state dict unchanged); returns how many towers. Its gradient-free calls over
+    more than :data:`mmtard.short_attention.MAX_TOKENS` tokens run the split kernel; shorter ones
+    keep what :func:`short_sequence_attention` gave them."""
+    from mmtard.short_attention import ShortSequenceAttention
+    from mmtard.split_attention import SplitClassTokenAttention
+
+    changed = 0
+    for tower in towers:
+        for vit in tower.modules():
+            if not isinstance(vit, VisionTransformer):
+                continue
+            attentions = [m for m in vit.transformer.modules()
+                          if type(m) in (nn.MultiheadAttention, ShortSequenceAttention, SplitClassTokenAttention)]
+            for attention in attentions:
+                attention.__class__ = SplitClassTokenAttention
+            changed += bool(attentions)
+    log.info("split class-token attention in %d frozen image towers", changed)
     return changed

@@ -1,0 +1,150 @@
+"""Forward-only self-attention for frozen image towers, with the class token apart (``train.teacher_attention: split``).
+
+A ViT-L-14 teacher at 224 px attends over 257 tokens: a class token and a 16 x 16 patch grid. Flash
+attention kernels tile a sequence in blocks of 64 or 128 rows, so 257 tokens take three blocks of
+128 on each side, the third holding one token: 9 tile products where 4 would hold the patches.
+On an H200 torch's (cuDNN's) kernel took 231 us per teacher call at batch 128, about 150 TFLOP/s
+of useful work, and 5.3 ms of the 129 ms compiled training step (``benchmarks/RESULTS.md``,
+eighth session). This kernel tiles the patch tokens alone and handles the class token apart:
+
+* the class token's key and value join every query block's online softmax as one extra column
+  (a vector product per row, not a tile), which starts the running maximum and sum;
+* the class token's query is a launch of its own with a 16-row block (the smallest a tensor-core
+  product takes), of which one row is stored.
+
+Scores and the softmax are fp32 (base 2, the scale folded in); the probabilities are rounded to
+the inputs' 16-bit type for the product with the values, as flash attention does. Like
+:mod:`mmtard.short_attention` it reads the fused query-key-value projection ``[B, L, 3E]`` in place
+and writes ``[B, L, E]``, heads side by side, so no transposes surround it.
+
+Forward only: the frozen teachers run without gradient (the distillation targets). Wherever a
+gradient is wanted (a reference model inside an attack loss) :class:`SplitClassTokenAttention`
+leaves the call to :class:`mmtard.short_attention.ShortSequenceAttention`'s choice. Not yet timed
+on a GPU, so ``train.teacher_attention: auto`` keeps torch's attention; ``split`` asks for this kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+from mmtard import short_attention
+from mmtard.short_attention import INTERPRETED, ShortSequenceAttention, _on, attention_flops, triton
+
+#: rows of the class token's own launch: one is stored; 16 is the smallest tensor-core product
+CLASS_ROWS = 16
+_HEAD_DIMS = (16, 32, 64, 128)
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _split_forward_kernel(qkv, out, length, heads, qkv_stride_b, qkv_stride_l, out_stride_b, out_stride_l,
+                              scale_log2, EMBED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr, CLASS_ROW: tl.constexpr):
+        program = tl.program_id(0)
+        b, h = program // heads, program % heads
+        cols = tl.arange(0, HEAD_DIM)
+        base = qkv + b * qkv_stride_b + h * HEAD_DIM
+        if CLASS_ROW:  # the class token's query: row 0 of a small block
+            rows = tl.arange(0, BLOCK_M)
+            valid = rows < 1
+        else:  # a block of patch tokens' queries: rows 1 + i * BLOCK_M ...
+            rows = 1 + tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+            valid = rows < length
+        q = tl.load(base + rows[:, None] * qkv_stride_l + cols[None, :], mask=valid[:, None], other=0.0)
+        # the class token's key opens the online softmax: its score is the running maximum, its
+        # probability 1, its value the running output
+        k0 = tl.load(base + EMBED + cols).to(tl.float32)
+        v0 = tl.load(base + 2 * EMBED + cols).to(tl.float32)
+        peak = tl.sum(q.to(tl.float32) * k0[None, :], 1) * scale_log2
+        total = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32) + v0[None, :]
+        for start in range(1, length, BLOCK_N):  # the patch tokens' keys and values, tile by tile
+            keys = start + tl.arange(0, BLOCK_N)
+            key_valid = keys < length
+            at = base + keys[:, None] * qkv_stride_l + cols[None, :]
+            k = tl.load(at + EMBED, mask=key_valid[:, None], other=0.0)
+            v = tl.load(at + 2 * EMBED, mask=key_valid[:, None], other=0.0)
+            scores = tl.dot(q, tl.trans(k)) * scale_log2
+            scores = tl.where(key_valid[None, :], scores, float("-inf"))
+            new_peak = tl.maximum(peak, tl.max(scores, 1))
+            rescale = tl.exp2(peak - new_peak)
+            p = tl.exp2(scores - new_peak[:, None])
+            total = total * rescale + tl.sum(p, 1)
+            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+            peak = new_peak
+        o = acc / total[:, None]
+        tl.store(out + b * out_stride_b + h * HEAD_DIM + rows[:, None] * out_stride_l + cols[None, :],
+                 o.to(out.dtype.element_ty), mask=valid[:, None])
+
+    #: tile shapes tried at the first call of each sequence length and head size (Triton's autotuner
+    #: times each on the GPU at hand); the interpreter runs one
+    _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                for m, n, w, s in ((128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3))]
+    _patch_rows_kernel = triton.autotune(configs=_CONFIGS[:1] if INTERPRETED else _CONFIGS,
+                                         key=["length", "EMBED", "HEAD_DIM"])(_split_forward_kernel)
+
+    # An opaque custom op (as mmtard::short_attention): torch.compile and CUDA graphs call it as it
+    # is; no autograd is registered, so a call that needs a gradient is refused by torch, not wrong.
+    @torch.library.custom_op("mmtard::split_attention", mutates_args=())
+    def _split_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+        qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()  # the kernel reads rows of unit stride
+        batch, length, three_embed = qkv.shape
+        embed = three_embed // 3
+        head_dim = embed // num_heads
+        out = torch.empty(batch, length, embed, device=qkv.device, dtype=qkv.dtype)
+        args = (qkv, out, length, num_heads, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
+                math.log2(math.e) / math.sqrt(head_dim))
+        with _on(qkv.device):
+            if length > 1:
+                _patch_rows_kernel[lambda meta: (batch * num_heads, triton.cdiv(length - 1, meta["BLOCK_M"]))](
+                    *args, EMBED=embed, HEAD_DIM=head_dim, CLASS_ROW=False)
+            _split_forward_kernel[(batch * num_heads,)](
+                *args, EMBED=embed, HEAD_DIM=head_dim, BLOCK_M=CLASS_ROWS, BLOCK_N=64, CLASS_ROW=True, num_warps=4)
+        return out
+
+    @_split_attention.register_fake
+    def _split_attention_fake(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+        batch, length, three_embed = qkv.shape
+        return qkv.new_empty(batch, length, three_embed // 3)
+
+    @register_flop_formula(torch.ops.mmtard.split_attention)
+    def _split_attention_flops(qkv_shape, num_heads, out_shape=None, **kwargs) -> int:
+        return attention_flops(qkv_shape)  # the useful products, as torch counts its own attention
+
+
+def applies(qkv: torch.Tensor, num_heads: int) -> bool:
+    """Whether the kernel serves a fused projection ``qkv`` [B, L, 3E] in a call that wants no gradient."""
+    if triton is None or qkv.dim() != 3 or qkv.shape[-1] % (3 * num_heads):
+        return False
+    if torch.is_grad_enabled() and qkv.requires_grad:
+        return False
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    on_device = (qkv.is_cuda and qkv.dtype in (torch.bfloat16, torch.float16)) or (
+        INTERPRETED and qkv.device.type == "cpu" and qkv.dtype in (torch.float32, torch.float16))
+    return on_device and qkv.shape[1] >= 1 and head_dim in _HEAD_DIMS and qkv.stride(-1) == 1
+
+
+def split_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Softmax self-attention of a fused projection ``qkv`` [B, L, 3E] whose token 0 is the class
+    token (any L works; L - 1 a multiple of the tile is where it pays): the [B, L, E] output,
+    heads side by side. Requires :func:`applies`."""
+    if not applies(qkv, num_heads):
+        raise ValueError(f"split_attention does not serve qkv {tuple(qkv.shape)} {qkv.dtype} on {qkv.device} "
+                         f"with {num_heads} heads (requires_grad={qkv.requires_grad})")
+    return _split_attention(qkv, num_heads)
+
+
+class SplitClassTokenAttention(ShortSequenceAttention):
+    """:class:`mmtard.short_attention.ShortSequenceAttention` whose gradient-free calls over
+    sequences too long for the short kernel run :func:`split_attention`. Given to a frozen tower's
+    attention modules in place by :func:`mmtard.tower_rewrites.split_class_token_attention`
+    (parameters and state dict unchanged)."""
+
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        if not short_attention.applies(qkv, self.num_heads) and applies(qkv, self.num_heads):
+            return split_attention(qkv, self.num_heads)
+        return super().attend(qkv)
