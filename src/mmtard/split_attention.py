@@ -9,8 +9,9 @@ eighth session). This kernel tiles the patch tokens alone and handles the class 
 
 * the class token's key and value join every query block's online softmax as one extra column
   (a vector product per row, not a tile), which starts the running maximum and sum;
-* the class token's query is a launch of its own with a 16-row block (the smallest a tensor-core
-  product takes), of which one row is stored.
+* the class token's query is computed by the program of each image and head's first query block,
+  after its own rows, as a 16-row block (the smallest a tensor-core product takes) of which one
+  row is stored; the key and value tiles it reads again were just read, so they come from L2.
 
 Scores and the softmax are fp32 (base 2, the scale folded in); the probabilities are rounded to
 the inputs' 16-bit type for the product with the values, as flash attention does. Like
@@ -33,7 +34,7 @@ from torch.utils.flop_counter import register_flop_formula
 from mmtard import short_attention
 from mmtard.short_attention import INTERPRETED, ShortSequenceAttention, _on, attention_flops, triton
 
-#: rows of the class token's own launch: one is stored; 16 is the smallest tensor-core product
+#: rows of the class token's query block: one is stored; 16 is the smallest tensor-core product
 CLASS_ROWS = 16
 _HEAD_DIMS = (16, 32, 64, 128)
 
@@ -41,28 +42,16 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _split_forward_kernel(qkv, out, length, heads, qkv_stride_b, qkv_stride_l, out_stride_b, out_stride_l,
-                              scale_log2, EMBED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_N: tl.constexpr, CLASS_ROW: tl.constexpr):
-        program = tl.program_id(0)
-        b, h = program // heads, program % heads
-        cols = tl.arange(0, HEAD_DIM)
-        base = qkv + b * qkv_stride_b + h * HEAD_DIM
-        if CLASS_ROW:  # the class token's query: row 0 of a small block
-            rows = tl.arange(0, BLOCK_M)
-            valid = rows < 1
-        else:  # a block of patch tokens' queries: rows 1 + i * BLOCK_M ...
-            rows = 1 + tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-            valid = rows < length
-        q = tl.load(base + rows[:, None] * qkv_stride_l + cols[None, :], mask=valid[:, None], other=0.0)
-        # the class token's key opens the online softmax: its score is the running maximum, its
-        # probability 1, its value the running output
-        k0 = tl.load(base + EMBED + cols).to(tl.float32)
-        v0 = tl.load(base + 2 * EMBED + cols).to(tl.float32)
+    def _rows_attention(q, base, length, qkv_stride_l, scale_log2, k0, v0, cols, EMBED: tl.constexpr,
+                        HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Attention of the query rows ``q`` [ROWS, HEAD_DIM] over every token of one image and
+        head: the class token's key (``k0``, value ``v0``) opens the online softmax as its running
+        maximum (probability 1, the value the running output), then the patch tokens follow tile by
+        tile. Returns the output rows in fp32."""
         peak = tl.sum(q.to(tl.float32) * k0[None, :], 1) * scale_log2
-        total = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32) + v0[None, :]
-        for start in range(1, length, BLOCK_N):  # the patch tokens' keys and values, tile by tile
+        total = tl.zeros([ROWS], dtype=tl.float32) + 1.0
+        acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32) + v0[None, :]
+        for start in range(1, length, BLOCK_N):
             keys = start + tl.arange(0, BLOCK_N)
             key_valid = keys < length
             at = base + keys[:, None] * qkv_stride_l + cols[None, :]
@@ -76,9 +65,37 @@ if triton is not None:
             total = total * rescale + tl.sum(p, 1)
             acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
             peak = new_peak
-        o = acc / total[:, None]
-        tl.store(out + b * out_stride_b + h * HEAD_DIM + rows[:, None] * out_stride_l + cols[None, :],
-                 o.to(out.dtype.element_ty), mask=valid[:, None])
+        return acc / total[:, None]
+
+    @triton.jit
+    def _split_forward_kernel(qkv, out, length, heads, qkv_stride_b, qkv_stride_l, out_stride_b, out_stride_l,
+                              scale_log2, EMBED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr, CLASS_ROWS: tl.constexpr):
+        program, block = tl.program_id(0), tl.program_id(1)
+        b, h = program // heads, program % heads
+        cols = tl.arange(0, HEAD_DIM)
+        base = qkv + b * qkv_stride_b + h * HEAD_DIM
+        out_base = out + b * out_stride_b + h * HEAD_DIM
+        k0 = tl.load(base + EMBED + cols).to(tl.float32)
+        v0 = tl.load(base + 2 * EMBED + cols).to(tl.float32)
+        # a block of patch tokens' queries: rows 1 + block * BLOCK_M ...
+        rows = 1 + block * BLOCK_M + tl.arange(0, BLOCK_M)
+        valid = rows < length
+        q = tl.load(base + rows[:, None] * qkv_stride_l + cols[None, :], mask=valid[:, None], other=0.0)
+        o = _rows_attention(q, base, length, qkv_stride_l, scale_log2, k0, v0, cols, EMBED, HEAD_DIM, BLOCK_M,
+                            BLOCK_N)
+        tl.store(out_base + rows[:, None] * out_stride_l + cols[None, :], o.to(out.dtype.element_ty),
+                 mask=valid[:, None])
+        if block == 0:  # the class token's query (row 0 of a small block), over the tiles just read;
+            # names of its own: Triton's compiler refuses a name whose type differs inside an `if`
+            class_rows = tl.arange(0, CLASS_ROWS)
+            first = class_rows < 1
+            q_class = tl.load(base + class_rows[:, None] * qkv_stride_l + cols[None, :], mask=first[:, None],
+                              other=0.0)
+            o_class = _rows_attention(q_class, base, length, qkv_stride_l, scale_log2, k0, v0, cols, EMBED,
+                                      HEAD_DIM, CLASS_ROWS, BLOCK_N)
+            tl.store(out_base + class_rows[:, None] * out_stride_l + cols[None, :],
+                     o_class.to(out.dtype.element_ty), mask=first[:, None])
 
     #: tile shapes tried at the first call of each sequence length and head size (Triton's autotuner
     #: times each on the GPU at hand); the interpreter runs one
@@ -99,11 +116,8 @@ if triton is not None:
         args = (qkv, out, length, num_heads, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
                 math.log2(math.e) / math.sqrt(head_dim))
         with _on(qkv.device):
-            if length > 1:
-                _patch_rows_kernel[lambda meta: (batch * num_heads, triton.cdiv(length - 1, meta["BLOCK_M"]))](
-                    *args, EMBED=embed, HEAD_DIM=head_dim, CLASS_ROW=False)
-            _split_forward_kernel[(batch * num_heads,)](
-                *args, EMBED=embed, HEAD_DIM=head_dim, BLOCK_M=CLASS_ROWS, BLOCK_N=64, CLASS_ROW=True, num_warps=4)
+            _patch_rows_kernel[lambda meta: (batch * num_heads, max(1, triton.cdiv(length - 1, meta["BLOCK_M"])))](
+                *args, EMBED=embed, HEAD_DIM=head_dim, CLASS_ROWS=CLASS_ROWS)
         return out
 
     @_split_attention.register_fake
