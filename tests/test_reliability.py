@@ -149,10 +149,11 @@ def test_a_run_saved_before_a_config_key_existed_still_resumes(tmp_path):
         (run / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
 
     saved_as(lambda d: [d["data"].pop("classnames"), d["train"].pop("patch_embed"), d["train"].pop("attention"),
-                        d["train"].pop("last_block")])
+                        d["train"].pop("last_block"), d["train"].pop("teacher_attention")])
     assert prepare_run_dir(run, Config(), force=False).name == "step_00000005.pt"
     faster = Config()
     faster.train.compile, faster.train.attention, faster.train.last_block = True, "math", "class_token"
+    faster.train.teacher_attention = "split"
     assert prepare_run_dir(run, faster, force=False) is not None
     other = Config()
     other.train.lr, other.attack.steps = 1e-3, 3

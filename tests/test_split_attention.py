@@ -118,14 +118,23 @@ def _overrides(world_dir, **extra) -> list[str]:
         "teachers=[{name: mmtard-small-vit, role: clean}, {name: mmtard-small-vit, role: robust}]"]
 
 
-def test_train_teacher_attention_split_rewrites_the_frozen_towers_only(world_dir, tmp_path):
-    split = Trainer(load_config(None, _overrides(world_dir, **{"train.teacher_attention": "split"})),
-                    tmp_path / "split", show_progress=False)
-    student, *frozen = image_towers(split.method)
-    assert not any(isinstance(m, SplitClassTokenAttention) for m in student.modules())
-    assert all(type(b.attn) is SplitClassTokenAttention for t in frozen for b in t.transformer.resblocks)
+def test_short_towers_keep_their_attention():
+    """Towers of at most 64 tokens (the short kernel's) are left to train.attention's choice."""
+    short = VisionTransformer(image_size=32, patch_size=8, width=64, layers=2, heads=2, mlp_ratio=2.0, output_dim=32)
+    assert split_class_token_attention([short]) == 0
+    assert all(type(b.attn) is nn.MultiheadAttention for b in short.transformer.resblocks)
+
+
+def test_train_teacher_attention_setting(world_dir, tmp_path, caplog):
+    """``split`` is applied by the trainer to the frozen towers only: the test's small teachers
+    (37 tokens) are short, so nothing changes and the trainer says why; ``auto`` changes nothing."""
+    with caplog.at_level("WARNING"):
+        split = Trainer(load_config(None, _overrides(world_dir, **{"train.teacher_attention": "split"})),
+                        tmp_path / "split", show_progress=False)
+    assert "train.teacher_attention=split: no teacher or reference tower" in caplog.text
     plain = Trainer(load_config(None, _overrides(world_dir)), tmp_path / "auto", show_progress=False)
-    assert all(type(b.attn) is nn.MultiheadAttention for t in image_towers(plain.method)
-               for b in t.transformer.resblocks)
+    for trainer in (split, plain):
+        assert all(type(b.attn) is nn.MultiheadAttention for t in image_towers(trainer.method)
+                   for b in t.transformer.resblocks)
     with pytest.raises(ConfigError, match="train.teacher_attention: 'fast' is not one of auto, torch, split"):
         load_config(None, _overrides(world_dir, **{"train.teacher_attention": "fast"}))

@@ -37,8 +37,11 @@ def _compile(kernel, pointers: dict[str, str], constexprs: dict[str, int], targe
             signature[name] = f"*{pointers[name]}"
         else:
             signature[name] = "fp32" if name.startswith("scale") else "i32"
+    # as a real launch specialises them: pointers and strides divisible by 16
+    divisible = [name for name in names if name in pointers or "stride" in name]
     source = ASTSource(fn=kernel, signature=signature,
-                       constexprs={(names.index(name),): value for name, value in constexprs.items()})
+                       constexprs={(names.index(name),): value for name, value in constexprs.items()},
+                       attrs={(names.index(name),): [["tt.divisibility", 16]] for name in divisible})
     compiled = triton.compile(source, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
     assert compiled.asm["cubin"], "no machine code"
     return compiled.metadata

@@ -134,6 +134,9 @@ def build_method(config: Config, student: CLIPClassifier, teachers: list[Teacher
     if train.attention == "short" and not done["student_attention"]:
         log.warning("train.attention=short: the student's image tower is not an open_clip ViT of at most %d "
                     "tokens, so it keeps torch's attention", short_attention.MAX_TOKENS)
+    if train.teacher_attention == "split" and not done["teacher_attention"]:
+        log.warning("train.teacher_attention=split: no teacher or reference tower is an open_clip ViT of more than %d "
+                    "tokens, so they keep train.attention's choice", short_attention.MAX_TOKENS)
     if train.compile or train.compile_attack:
         speed.tag_compile_caches(train.attention)  # both trace the attention kernel into graphs
     if train.compile:  # in place: parameter names, checkpoints and exports are unchanged

@@ -33,7 +33,7 @@ _IGNORED_ON_COMPARE = {("train", "steps"), ("train", "log_every"), ("train", "ck
                        ("train", "keep_checkpoints"), ("data", "num_workers"),
                        ("train", "compile"), ("train", "compile_mode"), ("train", "compile_attack"),
                        ("train", "patch_embed"), ("train", "last_block"),
-                       ("train", "attention")}
+                       ("train", "attention"), ("train", "teacher_attention")}
 
 
 def _comparable(config: dict) -> dict:

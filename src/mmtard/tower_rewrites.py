@@ -247,17 +247,20 @@ def wants_split_attention(setting: str, device: torch.device) -> bool:
 def split_class_token_attention(towers: Iterable[nn.Module]) -> int:
     """Give every attention module of the open_clip ViTs in ``towers`` (frozen ones: teachers,
     reference) the class :class:`mmtard.split_attention.SplitClassTokenAttention`, in place
-    (parameters and state dict unchanged); returns how many towers. Its gradient-free calls over
-    more than :data:`mmtard.short_attention.MAX_TOKENS` tokens run the split kernel; shorter ones
-    keep what :func:`short_sequence_attention` gave them."""
+    (parameters and state dict unchanged) where the ViT has more than
+    :data:`mmtard.short_attention.MAX_TOKENS` tokens; returns how many towers. Their
+    gradient-free calls run the split kernel, the others torch's attention; shorter towers keep
+    ``train.attention``'s choice."""
     from mmtard.short_attention import ShortSequenceAttention
     from mmtard.split_attention import SplitClassTokenAttention
+
+    from mmtard.short_attention import MAX_TOKENS
 
     changed = 0
     for tower in towers:
         for vit in tower.modules():
-            if not isinstance(vit, VisionTransformer):
-                continue
+            if not isinstance(vit, VisionTransformer) or vit.positional_embedding.shape[0] <= MAX_TOKENS:
+                continue  # short towers keep train.attention's choice
             attentions = [m for m in vit.transformer.modules()
                           if type(m) in (nn.MultiheadAttention, ShortSequenceAttention, SplitClassTokenAttention)]
             for attention in attentions:
