@@ -8,7 +8,8 @@ ask autograd for input gradients only. None of them changes the mathematics.
   a step; the zero-shot head and the losses are small work left in eager mode. Compilation
   happens lazily, at the first call of each (mode, shape, grad) variant: the student compiles
   twice (the attack's eval-mode forward/backward at batch B and the update's train-mode
-  forward/backward at 2B), each frozen teacher once (no-grad forward at B).
+  forward/backward at 2B), each frozen teacher once (no-grad forward at B). Each model's mean/std
+  normalisation moves into its tower's call first, so the compiled graphs fuse it too.
 * :func:`fused_update_iteration` (also ``train.compile``) compiles the attack's update after each
   gradient (momentum, sign step, projection): one element-wise kernel for L-inf. Eager, it is
   about ten kernels over image-sized fp32 tensors per PGD iteration, each reading and writing the

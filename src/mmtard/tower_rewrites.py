@@ -251,10 +251,8 @@ def split_class_token_attention(towers: Iterable[nn.Module]) -> int:
     :data:`mmtard.short_attention.MAX_TOKENS` tokens; returns how many towers. Their
     gradient-free calls run the split kernel, the others torch's attention; shorter towers keep
     ``train.attention``'s choice."""
-    from mmtard.short_attention import ShortSequenceAttention
+    from mmtard.short_attention import MAX_TOKENS, ShortSequenceAttention
     from mmtard.split_attention import SplitClassTokenAttention
-
-    from mmtard.short_attention import MAX_TOKENS
 
     changed = 0
     for tower in towers:
