@@ -518,3 +518,14 @@ def test_a_compiled_tower_traces_the_normalisation_it_holds():
     model.visual._compiled_call_impl = None
     with torch.no_grad():  # eager, torch's multi-head attention takes its fused path: rounding only
         torch.testing.assert_close(model.image_features(x), features, rtol=1e-5, atol=1e-6)
+
+
+def test_logits_stay_fp32_under_autocast():
+    """Autocast would run the zero-shot head's product in bf16 and round logits of size ~30 to a
+    quarter before any loss could upcast them; the head opts out."""
+    model = CLIPClassifier(_clip(), _unit_columns(64, 5), scale=100.0)
+    embed = F.normalize(torch.randn(3, 64), dim=-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model.logits_from_embed(embed)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, 100.0 * embed @ model.text_weights, rtol=0, atol=0)

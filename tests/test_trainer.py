@@ -337,6 +337,19 @@ def test_release_recipe_refuses_ablation_switches(world_dir):
             load_config(None, tiny_overrides(world_dir, **{"method.recipe": "release", f"method.{switch}": "false"}))
 
 
+def test_a_micro_batch_too_small_for_the_sigmoid_balance_is_warned(world_dir, tmp_path, caplog):
+    """The paper recipe's balance z-scores confidences over each micro-batch: at 4 images it is noise."""
+    with caplog.at_level("WARNING"):
+        Trainer(load_config(None, tiny_overrides(world_dir, **{"method.recipe": "paper"})), tmp_path / "paper",
+                show_progress=False)
+    assert "method.use_balance: the sigmoid balance standardises confidences over each micro-batch, here 4" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        Trainer(load_config(None, tiny_overrides(world_dir, **{"method.recipe": "paper", "method.use_balance": "false"})),
+                tmp_path / "off", show_progress=False)
+    assert "sigmoid balance" not in caplog.text
+
+
 def test_changing_the_length_on_resume_is_warned(world_dir, tmp_path, monkeypatch, caplog):
     _interrupt_after(tiny_overrides(world_dir, steps=2), tmp_path / "run", 1, monkeypatch)
     with caplog.at_level("WARNING"):

@@ -421,9 +421,13 @@ class CLIPClassifier(nn.Module):
         return self.scale if self.scale is not None else self.clip.logit_scale.exp().detach().float()
 
     def logits_from_embed(self, embed: torch.Tensor) -> torch.Tensor:
+        """Zero-shot logits in fp32, also under autocast: autocast would run the product in bf16,
+        rounding logits of size ~30 (at scale 100) to a quarter, before any loss can upcast them.
+        A [B, d] x [d, K] product: negligible next to the towers."""
         if not self.text_weights.numel():
             raise ModelError("this classifier has no class text embeddings yet (call set_text_weights)")
-        return self.logit_scale() * embed.float() @ self.text_weights
+        with torch.autocast(embed.device.type, enabled=False):
+            return self.logit_scale() * embed.float() @ self.text_weights
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.logits_from_embed(self.image_embed(x))

@@ -71,6 +71,10 @@ class BatchPlan:
         return cls(micro, per_rank // micro, world_size)
 
 
+#: micro-batch below which the ``paper`` recipe's batch z-scores (the sigmoid balance) are noise
+MIN_BALANCE_BATCH = 8
+
+
 def cosine_lr(step: int, total: int, warmup: int) -> float:
     """Linear warm-up then cosine decay to zero (METHOD.md §7), as a multiplier of the base lr."""
     if step < warmup:
@@ -163,6 +167,12 @@ class Trainer:
             log.info("global batch %d = %d rank(s) x micro-batch %d x accumulation %d (per-rank batch %d)",
                      config.train.global_batch, self.env.world_size, self.plan.micro_batch, self.plan.accumulation,
                      self.plan.micro_batch * self.plan.accumulation)
+            method = config.method
+            if (method.name == "mmt_ard" and method.recipe == "paper" and method.use_balance
+                    and self.plan.micro_batch < MIN_BALANCE_BATCH):
+                log.warning("method.use_balance: the sigmoid balance standardises confidences over each micro-batch, "
+                            "here %d image(s): with so few it is noisy (a single image always gives 0.5, balance "
+                            "off); use a micro-batch of at least %d", self.plan.micro_batch, MIN_BALANCE_BATCH)
         self.amp = autocast_dtype(config.train.precision, self.device)
         # One seed on every rank while the models are built, so that randomly initialised ones are the
         # same everywhere; the per-rank streams (augmentation, dropout) start after that.
