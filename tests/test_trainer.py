@@ -603,3 +603,49 @@ def test_a_checkpoint_missing_part_of_its_state_is_named(world_dir, tmp_path, mo
     ckpt.atomic_save(state, path)
     with pytest.raises(MmtardError, match=r"step_00000001.pt lacks position, rng, so the run cannot continue"):
         Trainer(load_config(None, overrides), tmp_path / "run", show_progress=False).train()
+
+
+def test_resuming_drops_what_killed_writers_left_and_keeps_other_files(world_dir, tmp_path, monkeypatch):
+    """A writer killed mid-write leaves a full-size temporary file; on a tight disk it would make
+    every retry fail. The next run (holding the folder's lock) deletes them; a user's files stay."""
+    from mmtard.checkpoint import checkpoint_dir, rng_state
+
+    run = tmp_path / "run"
+    _interrupt_after(tiny_overrides(world_dir, steps=2), run, 1, monkeypatch)
+    left = [checkpoint_dir(run) / ".step_00000002.pt.4242.tmp", run / ".metrics.csv.4242.tmp",
+            run / "student.safetensors.tmp"]
+    for path in left:
+        path.write_bytes(b"x" * 1000)
+    (run / "notes.tmp").write_text("mine")
+    Trainer(load_config(None, tiny_overrides(world_dir, steps=2)), run, show_progress=False)
+    assert not any(path.exists() for path in left) and (run / "notes.tmp").read_text() == "mine"
+    assert "cuda" not in rng_state(cuda=False)  # a CPU run never asks CUDA for its generator
+
+
+def test_a_checkpoint_without_mtards_balancer_is_refused_with_its_name(world_dir, tmp_path, monkeypatch):
+    """Resumed from scratch, MTARD's temperatures and weights would silently differ from the
+    uninterrupted run's: the checkpoint is refused, by name."""
+    from mmtard.checkpoint import atomic_save, latest_checkpoint, load_checkpoint
+    from mmtard.errors import MmtardError
+
+    run = tmp_path / "run"
+    _interrupt_after(tiny_overrides(world_dir, method="mtard", steps=2), run, 1, monkeypatch)
+    path = latest_checkpoint(run)
+    state = load_checkpoint(path)
+    del state["method"]["mtard_balancer"]
+    atomic_save(state, path)
+    trainer = Trainer(load_config(None, tiny_overrides(world_dir, method="mtard", steps=2)), run, show_progress=False)
+    with pytest.raises(MmtardError, match=r"step_00000001.pt: the method's state cannot be restored: no 'mtard_balancer'"):
+        trainer.train()
+
+
+def test_metrics_are_made_durable_before_each_checkpoint(world_dir, tmp_path, monkeypatch):
+    from mmtard.metrics import MetricsWriter
+
+    events = []
+    original_flush, original_save = MetricsWriter.flush, Trainer._write_checkpoint
+    monkeypatch.setattr(MetricsWriter, "flush", lambda self: events.append("flush") or original_flush(self))
+    monkeypatch.setattr(Trainer, "_write_checkpoint",
+                        lambda self, streams: events.append("checkpoint") or original_save(self, streams))
+    Trainer(load_config(None, tiny_overrides(world_dir, steps=2)), tmp_path / "run", show_progress=False).train()
+    assert events and events[:2] == ["checkpoint", "flush"] and events.count("flush") == events.count("checkpoint")

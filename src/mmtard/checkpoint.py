@@ -126,6 +126,19 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int = 2) 
     return path
 
 
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Delete the temporary files that writers killed mid-write left in ``run_dir`` and its
+    checkpoint folder (``.<name>.<pid>.tmp`` of :func:`atomic_save`, the exported student's
+    ``.tmp``); only the process holding the run's lock may call this. Returns what it deleted."""
+    run_dir = Path(run_dir)
+    stale = [p for folder in (run_dir, checkpoint_dir(run_dir)) if folder.is_dir()
+             for p in folder.iterdir() if p.is_file() and p.name.endswith(_TMP_SUFFIX)
+             and (p.name.startswith(".") or p.name == f"student.safetensors{_TMP_SUFFIX}")]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Read a checkpoint with ``weights_only=True``: never runs code from the file.
 
@@ -166,8 +179,10 @@ def unpickling_reason(exc: BaseException) -> str:
     return lines[0].split(". Please", 1)[0].rstrip(".") if lines else type(exc).__name__
 
 
-def rng_state() -> dict:
-    """Every generator a run draws from, in a weights_only-loadable form."""
+def rng_state(cuda: bool | None = None) -> dict:
+    """Every generator a run draws from, in a weights_only-loadable form; the current CUDA
+    device's only where the run is on CUDA (``cuda``; default: where CUDA is initialised), so a
+    CPU run never creates a CUDA context."""
     np_state = np.random.get_state()
     state = {
         "python": list(random.getstate()[1]) + [random.getstate()[2]],
@@ -176,21 +191,27 @@ def rng_state() -> dict:
                   "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
+    if cuda is None:
+        cuda = torch.cuda.is_initialized()
+    if cuda and torch.cuda.is_available():
         # the current device's stream only: a rank draws on its own GPU, and a list of every visible
         # GPU's state could not be restored where fewer GPUs are visible (another rank layout)
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, cuda: bool | None = None) -> None:
+    """Restore :func:`rng_state`'s generators; the CUDA one only where the run is on CUDA (``cuda``;
+    default: where CUDA is initialised)."""
     python = state["python"]
     random.setstate((state["python_version"], tuple(python[:-1]), python[-1]))
     numpy_state = state["numpy"]
     np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
                          numpy_state["has_gauss"], numpy_state["gauss"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if cuda is None:
+        cuda = torch.cuda.is_initialized()
+    if cuda and "cuda" in state and torch.cuda.is_available():
         cuda = state["cuda"]
         if isinstance(cuda, list):  # checkpoints of earlier versions: one state per visible GPU
             cuda = cuda[min(torch.cuda.current_device(), len(cuda) - 1)]

@@ -150,7 +150,7 @@ def run_on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     if env.is_main:
         try:
             payload[0] = ("ok", fn(*args, **kwargs))
-        except Exception as exc:  # every rank stops; rank 0 keeps its own traceback
+        except BaseException as exc:  # every rank stops (an interrupt too); rank 0 keeps its own traceback
             failure = exc
             payload[0] = ("error", exc if isinstance(exc, MmtardError) else MmtardError(f"rank 0 failed: {exc!r}"))
     dist.broadcast_object_list(payload, src=0)

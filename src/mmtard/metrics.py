@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -90,6 +91,15 @@ class MetricsWriter:
         if self.tb is not None:
             for key, value in values.items():
                 self.tb.add_scalar(f"train/{key}", value, step)
+
+    def flush(self) -> None:
+        """Make the rows written so far durable (the CSV fsynced, TensorBoard's events flushed):
+        called before each checkpoint, since a resumed run never writes the rows up to it again."""
+        if self.path.exists():
+            with open(self.path, "rb+") as handle:
+                os.fsync(handle.fileno())
+        if self.tb is not None:
+            self.tb.flush()
 
     def close(self) -> None:
         if self.tb is not None:

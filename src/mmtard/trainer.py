@@ -143,7 +143,10 @@ class Trainer:
         self.plan = BatchPlan.from_config(config.train.global_batch, config.train.micro_batch, env_world_size())
         self.env = init_distributed(self.device.type)
         if self.device.type == "cuda":
-            self.device = torch.device("cuda", self.env.local_rank)
+            # under torchrun each rank takes its local GPU; a single process keeps the one it was given
+            if self.env.enabled or self.device.index is None:
+                self.device = torch.device("cuda", self.env.local_rank if self.env.enabled else torch.cuda.current_device())
+            torch.cuda.set_device(self.device)  # the CUDA RNG a checkpoint saves is the current device's
         self.show_progress = show_progress and self.env.is_main
         # Rank 0 alone inspects (and later clears) DIR, then tells every rank which checkpoint to
         # resume from: no rank races the clearing, and all load the same file (DIR is shared storage).
@@ -156,9 +159,11 @@ class Trainer:
             raise
 
     def _claim_run_dir(self, config: Config, force: bool) -> Path | None:
-        """On rank 0: decide how to continue in DIR and hold it against a second run."""
+        """On rank 0: decide how to continue in DIR, hold it against a second run, and drop the
+        temporary files a killed writer left there (they hold disk space a retry may need)."""
         resume_from = prepare_run_dir(self.run_dir, config, force=force)
         self._lock = RunLock(self.run_dir)
+        ckpt.remove_stale_temporaries(self.run_dir)
         return resume_from
 
     def _build(self, config: Config, force: bool) -> None:
@@ -259,7 +264,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "method": self.method.state_dict_extra(),
-            "rng": ckpt.rng_state(),
+            "rng": ckpt.rng_state(cuda=self.device.type == "cuda"),
             "config": to_dict(self.config),
             "world_size": self.env.world_size,
             "forward": MODEL_FORWARD,
@@ -292,13 +297,18 @@ class Trainer:
         for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
             group["lr"] = base * scale
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-        self.method.load_state_dict_extra(state.get("method", {}))
+        try:
+            self.method.load_state_dict_extra(state.get("method", {}))
+        except (KeyError, TypeError, ValueError) as exc:
+            reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            raise MmtardError(f"{self.resume_from}: the method's state cannot be restored: {reason}") from exc
         self.step, self.position = int(state["step"]), int(state["position"])
         self.elapsed = float(state.get("elapsed", 0.0))
         streams = state.get("rng_ranks") or [state["rng"]]
         saved_world = int(state.get("world_size", 1))
         if saved_world == self.env.world_size and len(streams) == saved_world:
-            ckpt.set_rng_state(streams[self.env.rank])  # each rank continues its own stream exactly
+            # each rank continues its own stream exactly
+            ckpt.set_rng_state(streams[self.env.rank], cuda=self.device.type == "cuda")
         else:
             # Another rank layout (or an old checkpoint): the data position is the same number of
             # global batches; per-rank streams restart deterministically, so augmentation and dropout
@@ -306,7 +316,7 @@ class Trainer:
             log.warning("resuming a run of %d rank(s) on %d: same data position, fresh per-rank RNG streams",
                         saved_world, self.env.world_size)
             self.position = self.step * self.plan.accumulation
-            ckpt.set_rng_state(state["rng"])
+            ckpt.set_rng_state(state["rng"], cuda=self.device.type == "cuda")
             if self.env.rank:
                 torch.manual_seed(self.config.train.seed + self.env.rank + 7919 * self.step)
 
@@ -477,7 +487,7 @@ class Trainer:
         return row
 
     def _save_checkpoint(self) -> None:
-        streams = all_gather_object(ckpt.rng_state()) if self.env.enabled else None
+        streams = all_gather_object(ckpt.rng_state(cuda=self.device.type == "cuda")) if self.env.enabled else None
         # rank 0 writes; a refusal there (a full disk) stops every rank at once with its message,
         # where a barrier would leave the others waiting out the process-group timeout
         run_on_main(self._write_checkpoint, streams)
@@ -486,6 +496,8 @@ class Trainer:
         barrier()
 
     def _write_checkpoint(self, streams: list | None) -> None:
+        if self.metrics is not None:  # the rows up to this step: durable before the step is
+            self.metrics.flush()
         state = self.state_dict()
         if streams is not None:
             state["rng_ranks"] = streams

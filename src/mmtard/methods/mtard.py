@@ -54,5 +54,8 @@ class MTARD(Method):
         return {"mtard_balancer": self.balancer.state_dict()}
 
     def load_state_dict_extra(self, state: dict) -> None:
-        if "mtard_balancer" in state:
-            self.balancer.load_state_dict(state["mtard_balancer"])
+        """Raises KeyError when the balancer's state is missing: resumed from scratch, its
+        temperatures and weights would silently differ from the uninterrupted run's."""
+        if "mtard_balancer" not in state:
+            raise KeyError("no 'mtard_balancer' entry (MTARD's temperatures and weights)")
+        self.balancer.load_state_dict(state["mtard_balancer"])
