@@ -308,3 +308,18 @@ def test_subsample_indices():
     assert a == sorted(set(a)) and len(a) == 50 and 0 <= a[0] and a[-1] < 1000
     assert a != subsample_indices(1000, 50, seed=8)
     assert subsample_indices(5, 9, seed=0) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("width,height", [(500, 375), (227, 224), (224, 227), (333, 257), (100, 50), (224, 224)])
+def test_evaluation_resize_is_clips_pixel_for_pixel(width, height):
+    """Short side to 224 (bicubic) and a centre crop, exactly as CLIP's torchvision transform: it
+    truncates the longer side and rounds the crop offset (an image one pixel off would be
+    evaluated on other pixels than the reference's)."""
+    from torchvision import transforms
+
+    from mmtard.data.images import resize_center_crop
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8))
+    clip_transform = transforms.Compose([transforms.Resize(224, interpolation=transforms.InterpolationMode.BICUBIC),
+                                         transforms.CenterCrop(224)])
+    assert np.array_equal(np.asarray(resize_center_crop(img, 224)), np.asarray(clip_transform(img)))

@@ -88,14 +88,18 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Resizes the shorter side to ``size`` (bicubic) and crops the centre ``size`` x ``size``."""
+    """Resizes the shorter side to ``size`` (bicubic) and crops the centre ``size`` x ``size``:
+    CLIP's evaluation transform, pixel for pixel (torchvision's ``Resize(size)`` truncates the
+    longer side, ``int(size * long / short)``; its ``CenterCrop`` rounds the offset)."""
     w, h = img.size
     if (w, h) != (size, size):
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        if w <= h:
+            nw, nh = size, int(size * h / w)
+        else:
+            nw, nh = int(size * w / h), size
         if (nw, nh) != (w, h):
             img = img.resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - size) // 2, (nh - size) // 2
+        left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
         img = img.crop((left, top, left + size, top + size))
     return img
 
