@@ -323,3 +323,28 @@ def test_evaluation_resize_is_clips_pixel_for_pixel(width, height):
     clip_transform = transforms.Compose([transforms.Resize(224, interpolation=transforms.InterpolationMode.BICUBIC),
                                          transforms.CenterCrop(224)])
     assert np.array_equal(np.asarray(resize_center_crop(img, 224)), np.asarray(clip_transform(img)))
+
+
+def test_a_suite_set_missing_class_folders_is_refused(tmp_path):
+    """clip-benchmark numbers ImageNet-R's labels by the wnid folders present and names them with
+    all 200 names: with a folder missing, every later label would name the wrong class."""
+    for wnid in ("n01443537", "n01484850"):
+        (tmp_path / wnid).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / wnid / "a.jpg")
+    with pytest.raises(DataError, match=r"'imagenet-r' at .* has 2 class folders but the set has 200 classes"):
+        build_zeroshot_dataset("imagenet-r", tmp_path)
+
+
+def test_text_files_with_a_byte_order_mark_read_as_without(tmp_path):
+    from mmtard.data.base import read_classnames
+
+    names = tmp_path / "names.txt"
+    names.write_text("cat\ndog\n", encoding="utf-8-sig")
+    assert read_classnames(names) == ["cat", "dog"]
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    captions = tmp_path / "captions.csv"
+    captions.write_text("filepath,caption\na.png,a cat\n", encoding="utf-8-sig")
+    assert CaptionCSVDataset(captions).captions == ["a cat"]
+    captions.write_bytes(b"filepath,caption\na.png,caf\xe9\n")  # latin-1, not UTF-8
+    with pytest.raises(DataError, match=r"captions.csv is not UTF-8 text"):
+        CaptionCSVDataset(captions)

@@ -248,3 +248,25 @@ def test_processes_building_one_index_at_once_share_it(shards, tmp_path):
     assert results[0] == results[1] and len(results[0]) == 30
     assert len(list((tmp_path / "index").glob("*.npz"))) == 1
     assert not list((tmp_path / "index").glob(".*tmp*"))
+
+
+def test_evaluation_digests_see_a_shard_rewritten_in_place(folder, shards, tmp_path):
+    """Sample ids (``shard:key``) survive a shard re-written with other images or labels; the
+    digests an evaluation record keeps do not."""
+    import time
+
+    from mmtard.dataset_digest import dataset_digest
+
+    pattern, paths = shards
+    names = [f"class {k}" for k in range(len(folder.classnames))]
+    before = IndexedShardDataset(pattern, classnames=names)
+    digests = {kind: dataset_digest(before, range(30), kind) for kind in ("files", "bytes")}
+    assert all(digests.values()) and digests == {k: dataset_digest(before, range(30), k) for k in digests}
+    time.sleep(0.01)
+    with tarfile.open(paths[0], "w") as tar:  # the first shard again, same keys, its images in reverse order
+        for i in range(10):
+            _add(tar, f"s{i:06d}.png", Path(folder.files[9 - i]).read_bytes())
+            _add(tar, f"s{i:06d}.cls", str(folder.targets[i]).encode())
+    after = IndexedShardDataset(pattern, classnames=names)
+    assert list(after.sample_ids) == list(before.sample_ids)
+    assert all(dataset_digest(after, range(30), kind) != digests[kind] for kind in digests)

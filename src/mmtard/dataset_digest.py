@@ -20,7 +20,8 @@ KINDS = ("files", "bytes")
 
 def evaluated_files(dataset) -> tuple[Sequence, Sequence] | None:
     """(image paths, labels) of a dataset read from image files, by index; None for the others
-    (webdataset shards, in-memory sets, torchvision sets kept in a few binary files)."""
+    (streamed webdataset shards, in-memory sets, torchvision sets kept in a few binary files).
+    Indexed shards mark each sample themselves (``digest_mark``)."""
     files, targets = getattr(dataset, "files", None), getattr(dataset, "targets", None)
     if files is not None and targets is not None:  # mmtard's folder, list and CSV datasets
         return files, targets
@@ -32,10 +33,17 @@ def evaluated_files(dataset) -> tuple[Sequence, Sequence] | None:
 
 def dataset_digest(dataset, indices: Sequence[int], kind: str) -> str | None:
     """Digest of the files at ``indices`` and their labels: ``kind`` ``files`` hashes sizes and
-    modification times, ``bytes`` the contents. A file that cannot be read enters as its error
+    modification times, ``bytes`` the contents (for indexed shards, each sample's own bytes and
+    its shard's size and time, from the dataset's ``digest_mark``). A file that cannot be read enters as its error
     (the loader skips it and the record notes it), so the digest never stops an evaluation."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    marker = getattr(dataset, "digest_mark", None)  # shards: one file holds many samples
+    if marker is not None:
+        digest = hashlib.sha256()
+        for i in indices:
+            digest.update(f"{marker(i, kind)}|{dataset.targets[i]}\0".encode())
+        return digest.hexdigest()[:16]
     listed = evaluated_files(dataset)
     if listed is None:
         return None

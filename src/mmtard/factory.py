@@ -72,7 +72,7 @@ def build_dataset(data: DataConfig):
     classnames = read_classnames_file(data.classnames) if data.classnames else None
     if data.source == "imagefolder":
         return ImageFolderDataset(data.root, image_size=data.image_size, augment=data.augment, strict=data.strict,
-                                  classnames=classnames)
+                                  classnames=classnames, classnames_file=data.classnames)
     if data.source == "shards":
         from mmtard.data.shard_index import IndexedShardDataset
 

@@ -37,7 +37,7 @@ def is_benchmark_shard_folder(root: str | Path, split: str = "test") -> bool:
 
 def _text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path} is not UTF-8 text ({exc})") from exc
 

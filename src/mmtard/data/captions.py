@@ -43,13 +43,16 @@ class CaptionCSVDataset(ImageListDataset):
                 f"{path_column!r},{caption_column!r}; image paths relative to the CSV's folder."
             )
         root = csv_path.parent
-        with open(csv_path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter=delimiter)
-            header = reader.fieldnames or []
-            for col in (path_column, caption_column):
-                if col not in header:
-                    raise DataError(f"Caption file {csv_path} has no column {col!r}; its columns are {header}.")
-            rows = [(r[path_column], r[caption_column]) for r in reader if r.get(path_column)]
+        try:  # utf-8-sig: a byte-order mark is not part of the first column's name
+            with open(csv_path, newline="", encoding="utf-8-sig") as f:
+                reader = csv.DictReader(f, delimiter=delimiter)
+                header = reader.fieldnames or []
+                for col in (path_column, caption_column):
+                    if col not in header:
+                        raise DataError(f"Caption file {csv_path} has no column {col!r}; its columns are {header}.")
+                rows = [(r[path_column], r[caption_column]) for r in reader if r.get(path_column)]
+        except UnicodeDecodeError as exc:
+            raise DataError(f"Caption file {csv_path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
         if not rows:
             raise DataError(f"Caption file {csv_path} has no rows.")
         files = [Path(p) if Path(p).is_absolute() else root / p for p, _ in rows]

@@ -129,6 +129,7 @@ class ImageFolderDataset(ImageListDataset):
         strict: raise on unreadable files instead of replacing them by the next readable one.
         classnames: names to use instead of those derived from the folder names (same length).
         layout: description of the expected layout, used in error messages.
+        classnames_file: the file ``classnames`` came from, named in error messages.
     """
 
     def __init__(
@@ -139,12 +140,14 @@ class ImageFolderDataset(ImageListDataset):
         strict: bool = False,
         classnames: Sequence[str] | None = None,
         layout: str = IMAGEFOLDER_LAYOUT,
+        classnames_file: str | Path | None = None,
     ):
         root = Path(root)
         class_dirs, files_per_class = scan_class_folders(root, layout)
         if classnames is not None and len(classnames) != len(class_dirs):
+            named = f" in {classnames_file}" if classnames_file else ""
             raise DataError(
-                f"{root} has {len(class_dirs)} class folders but {len(classnames)} class names were given."
+                f"{root} has {len(class_dirs)} class folders but {len(classnames)} class names were given{named}."
             )
         files, labels = [], []
         for label, class_files in enumerate(files_per_class):

@@ -240,6 +240,20 @@ class IndexedShardDataset(Dataset):
         """Number and ids of samples skipped since the last call, then resets them."""
         return self.skip_log.pop()
 
+    def digest_mark(self, i: int, kind: str) -> str:
+        """What :func:`mmtard.dataset_digest.dataset_digest` records of sample ``i``: its shard's
+        path, size and modification time and its place there (``files``), or its bytes
+        (``bytes``). A shard re-downloaded or relabelled in place keeps every sample id; this does
+        not. An unreadable shard enters as its error."""
+        try:
+            if kind == "bytes":
+                return hashlib.sha256(self._read(i)).hexdigest()
+            path = self.urls[int(self._shard[i])]
+            stat = os.stat(path)
+            return f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}:{int(self._offset[i])}"
+        except (OSError, DataError) as exc:  # DataError: the shard shrank under its index
+            return f"unreadable:{getattr(exc, 'errno', None) or type(exc).__name__}"
+
     def _descriptor(self, shard: int) -> int:
         """An open descriptor of ``shard``; at most :data:`OPEN_SHARDS` per process, least recently
         used closed first. Descriptors are per process: a DataLoader worker opens its own."""

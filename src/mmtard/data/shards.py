@@ -58,6 +58,9 @@ class ShardDataset(IterableDataset):
         strict: raise on an unreadable sample instead of skipping it (counted in ``skip_log``).
         shuffle: sample shuffle buffer size (0: keep shard order; shards are then also in order).
         classnames: optional class names (index = label) for classification shards.
+        seed: the shuffles' seed; None lets webdataset seed them from the process id and the
+            time, so the order then differs between runs (training reads shards by random access
+            instead: :class:`mmtard.data.shard_index.IndexedShardDataset`).
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class ShardDataset(IterableDataset):
         strict: bool = False,
         shuffle: int = 0,
         classnames: Sequence[str] | None = None,
+        seed: int | None = None,
     ):
         if target not in ("cls", "txt"):
             raise DataError(f"Shard target must be 'cls' or 'txt', got {target!r}.")
@@ -78,6 +82,7 @@ class ShardDataset(IterableDataset):
         self.image_size = image_size
         self.strict = strict
         self.shuffle = shuffle
+        self.seed = seed
         self.transform = ImageTransform(image_size, augment)
         self.skip_log = SkipLog()
         if classnames is not None:
@@ -93,10 +98,10 @@ class ShardDataset(IterableDataset):
         # slices would overlap, reading some shards twice and others never.
         stages = [wds.SimpleShardList(self.urls), wds.split_by_node, wds.split_by_worker]
         if self.shuffle:
-            stages.append(wds.shuffle(len(self.urls)))
+            stages.append(wds.shuffle(len(self.urls), seed=self.seed))
         stages.append(wds.tarfile_to_samples(handler=self._on_tar_error))
         if self.shuffle:
-            stages.append(wds.shuffle(self.shuffle))
+            stages.append(wds.shuffle(self.shuffle, seed=self.seed))
         stages.append(self._decode)
         return iter(wds.DataPipeline(*stages))
 

@@ -182,4 +182,11 @@ def build_zeroshot_dataset(
         ) from exc
     if len(inner) == 0:
         raise DataError(f"Zero-shot dataset {name!r} at {root} is empty. clip-benchmark expects {layout}.")
+    folders = getattr(inner, "class_to_idx", None)
+    if folders is not None and len(folders) != len(inner.classes):
+        # clip-benchmark numbers the labels by the class folders present, then names them with the
+        # full list: a missing folder would shift every later label onto the wrong name
+        raise DataError(f"Zero-shot dataset {name!r} at {root} has {len(folders)} class folders but the set has "
+                        f"{len(inner.classes)} classes; every class folder must be present. clip-benchmark "
+                        f"expects {layout}.")
     return ZeroShotSuiteDataset(name, inner, root, image_size, strict)
