@@ -148,3 +148,25 @@ def test_a_lora_image_encoder_as_the_release_saves_it_is_merged(base_and_robust,
     torch.save(peft_state, tmp_path / "cut.pt")
     with pytest.raises(ModelError, match="LoRA layer 'transformer.resblocks.0.attn.proj' lacks its lora_B"):
         convert(TINY, str(base_file), tmp_path / "o.safetensors", visual=tmp_path / "cut.pt")
+
+
+def test_a_guessed_activation_is_not_recorded_as_known(tmp_path, monkeypatch):
+    """A base file without mmtard's metadata, of an architecture whose OpenAI weights used
+    QuickGELU, is built with GELU by its name after a warning: a guess. The converted file leaves
+    the activation unrecorded, so the guess cannot later refuse the file under ``NAME-quickgelu``;
+    a base whose activation is known passes it on."""
+    from safetensors import safe_open
+
+    import mmtard.models as models
+
+    monkeypatch.setattr(models, "tag_uses_quick_gelu", lambda name, tag: name == TINY and tag == "openai")
+    raw = tmp_path / "raw.safetensors"
+    save_file({k: v.contiguous() for k, v in _clip(1).state_dict().items()}, raw)
+    known = export_open_clip(_clip(1), tmp_path / "known.safetensors")
+
+    def metadata(path):
+        with safe_open(str(path), "pt") as handle:
+            return handle.metadata() or {}
+
+    assert models.ACTIVATION_METADATA not in metadata(convert(TINY, str(raw), tmp_path / "from_raw.safetensors"))
+    assert metadata(convert(TINY, str(known), tmp_path / "from_known.safetensors"))[models.ACTIVATION_METADATA] == "false"

@@ -529,3 +529,27 @@ def test_logits_stay_fp32_under_autocast():
         logits = model.logits_from_embed(embed)
     assert logits.dtype == torch.float32
     torch.testing.assert_close(logits, 100.0 * embed @ model.text_weights, rtol=0, atol=0)
+
+
+def test_a_local_folder_without_weights_is_refused_not_random(tmp_path):
+    """open_clip only warns when a ``local-dir:`` folder (or a hub repository) has a config but no
+    weights, and returns a randomly initialised model; mmtard refuses it."""
+    import json
+
+    clip = _clip(seed=3)
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": open_clip.get_model_config(TINY)}))
+    with pytest.raises(ModelError, match=r"cannot load 'local-dir:.*'"):
+        create_clip(ModelSpec(f"local-dir:{tmp_path}"))
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, tmp_path / "open_clip_model.safetensors")
+    _assert_same_state(create_clip(ModelSpec(f"local-dir:{tmp_path}")).state_dict(), clip.state_dict())
+
+
+def test_tags_are_spelled_as_open_clip_spells_them(monkeypatch):
+    """``OpenAI`` is open_clip's ``openai`` tag (it lowers and underscores tags): offline, it fails
+    as the real tag does, not as an unknown one; and it gets the tag's QuickGELU."""
+    from mmtard.models import tag_uses_quick_gelu
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="not in the local cache"):
+        create_clip(ModelSpec("ViT-B-32", "OpenAI"))
+    assert tag_uses_quick_gelu("ViT-B-32", "OpenAI") and tag_uses_quick_gelu("ViT-B-32", "openai")

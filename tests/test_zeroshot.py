@@ -251,6 +251,8 @@ def test_a_given_fingerprint_gives_the_same_cache_key(clip):
 
     names, templates = ["cat", "dog"], ["a photo of a {}."]
     assert cache_key(clip, names, templates) == cache_key(clip, names, templates, fingerprint_text_tower(clip))
+    # the architecture's name stands for the tokenizer and the text settings the weights do not hold
+    assert cache_key(clip, names, templates, model_name="a") != cache_key(clip, names, templates, model_name="b")
 
 
 def test_the_text_cache_tells_gelu_from_quick_gelu_with_the_same_weights():

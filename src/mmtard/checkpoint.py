@@ -128,8 +128,9 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int = 2) 
 
 def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
     """Delete the temporary files that writers killed mid-write left in ``run_dir`` and its
-    checkpoint folder (``.<name>.<pid>.tmp`` of :func:`atomic_save`, the exported student's
-    ``.tmp``); only the process holding the run's lock may call this. Returns what it deleted."""
+    checkpoint folder (``.<name>.<pid>.tmp`` of :func:`atomic_save` and of the student's export;
+    ``student.safetensors.tmp`` of earlier versions); only the process holding the run's lock may
+    call this. Returns what it deleted."""
     run_dir = Path(run_dir)
     stale = [p for folder in (run_dir, checkpoint_dir(run_dir)) if folder.is_dir()
              for p in folder.iterdir() if p.is_file() and p.name.endswith(_TMP_SUFFIX)

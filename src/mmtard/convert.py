@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from mmtard.errors import ModelError
-from mmtard.models import (ModelSpec, create_clip, export_open_clip, load_state_checked, read_weights_file,
-                           strip_module_prefix)
+from mmtard.models import (ModelSpec, activation_guessed, create_clip, export_open_clip, load_state_checked,
+                           read_weights_file, strip_module_prefix)
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def merge_lora(state: dict[str, torch.Tensor], lora_alpha: float | None, path: s
         if up is None or base is None:
             raise ModelError(f"{path}: LoRA layer '{layer}' lacks its lora_B or base weight")
         scale = (lora_alpha if lora_alpha is not None else down.shape[0]) / down.shape[0]
-        merged[f"{layer}.weight"] = base + (scale * (up.float() @ down.float())).to(base.dtype)
+        merged[f"{layer}.weight"] = (base.float() + scale * (up.float() @ down.float())).to(base.dtype)  # one rounding
     renamed = {}
     for key, value in merged.items():
         for plain, ours in _ATTENTION_NAMES.items():
@@ -105,8 +105,9 @@ def convert(name: str, pretrained: str | None, out: str | Path, visual: str | Pa
     if not pretrained and not name.startswith(("hf-hub:", "local-dir:")):
         raise ModelError(f"convert '{name}': no --pretrained base, so its text encoder would be random; give the "
                          "weights the image encoder was trained from (e.g. --pretrained openai, or a file)")
-    clip = create_clip(ModelSpec(name, pretrained))
+    spec = ModelSpec(name, pretrained)
+    clip = create_clip(spec)
     if visual is not None:
         load_state_checked(clip.visual, image_tower_state(visual, lora_alpha), visual,
                            f"is not an image encoder of '{name}'")
-    return export_open_clip(clip, out)
+    return export_open_clip(clip, out, record_activation=not activation_guessed(spec, clip))

@@ -59,7 +59,11 @@ class ModelSpec:
 
 def _hub_reachable(host: str = "huggingface.co") -> bool:
     """Whether a download could possibly work; answers at once on an offline machine."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    from huggingface_hub import constants as hub_constants
+
+    # HF_HUB_OFFLINE with huggingface_hub's own true values, read now (the hub reads it at import)
+    true_values = getattr(hub_constants, "ENV_VARS_TRUE_VALUES", {"1", "ON", "YES", "TRUE"})
+    if hub_constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in true_values:
         return False
     try:
         socket.getaddrinfo(host, 443)
@@ -210,17 +214,20 @@ def create_clip(spec: ModelSpec, device: str | torch.device = "cpu") -> nn.Modul
                                        force_quick_gelu=bool(quick_gelu))
         _check_file_activation(model, quick_gelu, name, pretrained)
         load_state_checked(model, load_weights_file(pretrained), pretrained, f"does not match architecture '{name}'")
-    elif pretrained or name.startswith("hf-hub:"):
+    elif pretrained or name.startswith(("hf-hub:", "local-dir:")):
+        given, pretrained = pretrained, pretrained and clean_tag(pretrained)
         if pretrained and pretrained not in open_clip.list_pretrained_tags_by_model(name):
             tags = open_clip.list_pretrained_tags_by_model(name)
             raise ModelError(
-                f"'{pretrained}' is neither a file nor a pretrained tag of '{name}' "
+                f"'{given}' is neither a file nor a pretrained tag of '{name}' "
                 f"(tags: {', '.join(tags) or 'none'})"
             )
-        offline = not _hub_reachable()
+        offline = not name.startswith("local-dir:") and not _hub_reachable()
         try:
             with _hub_cache_only(offline):
-                model = open_clip.create_model(name, pretrained=pretrained, device="cpu",
+                # require_pretrained: open_clip would otherwise only warn and return random weights
+                # when a hub repository or a local folder holds a config but no weights
+                model = open_clip.create_model(name, pretrained=pretrained, device="cpu", require_pretrained=True,
                                                force_quick_gelu=tag_uses_quick_gelu(name, pretrained))
         except Exception as exc:
             where = f"'{name}' with pretrained='{pretrained}'" if pretrained else f"'{name}'"
@@ -271,6 +278,12 @@ def _metadata_json(metadata: dict[str, str], key: str):
         return None
 
 
+def clean_tag(tag: str) -> str:
+    """A pretrained tag as open_clip spells it: ``OpenAI`` and ``laion2b-s34b-b79k`` name the tags
+    ``openai`` and ``laion2b_s34b_b79k``."""
+    return tag.lower().replace("-", "_")
+
+
 def tag_uses_quick_gelu(name: str, tag: str | None) -> bool:
     """Whether open_clip's pretrained tag was trained with QuickGELU (all of OpenAI's CLIPs were).
 
@@ -278,6 +291,7 @@ def tag_uses_quick_gelu(name: str, tag: str | None) -> bool:
     only warns, so OpenAI's weights would run with the wrong activation (the release, on open_clip
     2.19, got QuickGELU for ``openai``); the flag is therefore set from the tag's own config.
     """
+    tag = tag and clean_tag(tag)
     if not tag or tag not in open_clip.list_pretrained_tags_by_model(name):
         return False
     return bool(open_clip.get_pretrained_cfg(name, tag).get("quick_gelu", False))
@@ -302,6 +316,18 @@ def _check_file_activation(model: nn.Module, recorded: bool | None, name: str, p
         log.warning("%s: a weights file without mmtard's metadata is built with GELU, as '%s' says; OpenAI's "
                     "%s used QuickGELU, so if these weights descend from them name the architecture '%s-quickgelu'",
                     path, name, name, name)
+
+
+def activation_guessed(spec: ModelSpec, clip: nn.Module) -> bool:
+    """Whether ``clip``, built by :func:`create_clip` from ``spec``, got its activation from a guess:
+    a weights file without mmtard's metadata, GELU by the architecture's name, although OpenAI's
+    weights of that architecture used QuickGELU (the case :func:`_check_file_activation` warns of)."""
+    pretrained = str(spec.pretrained) if spec.pretrained else None
+    if not pretrained or not _is_weight_file(pretrained):
+        return False
+    metadata = _file_metadata(Path(pretrained))
+    known = ACTIVATION_METADATA in metadata or PREPROCESS_METADATA in metadata
+    return not known and not uses_quick_gelu(clip) and tag_uses_quick_gelu(spec.name, "openai")
 
 
 def _architecture_preprocess(name: str) -> dict | None:
@@ -482,11 +508,14 @@ def _umask() -> int:
     return mask
 
 
-def export_open_clip(clip: nn.Module, path: str | Path) -> Path:
+def export_open_clip(clip: nn.Module, path: str | Path, record_activation: bool = True) -> Path:
     """Write a full CLIP as one safetensors file that
     ``open_clip.create_model_and_transforms(name, pretrained=path)`` loads back unchanged (with
     ``force_quick_gelu=True`` for a QuickGELU model such as one started from OpenAI's weights;
     :func:`create_clip` reads that, and the normalisation, from the file's metadata).
+    ``record_activation=False`` leaves the activation out of the metadata, for a model whose
+    activation was only guessed (:func:`activation_guessed`): recorded, the guess would pass for
+    knowledge and refuse the file under the other activation's name.
 
     Written atomically and durably (:func:`mmtard.checkpoint.durable_replace`): the file marks a
     finished run, so a crash must never leave a half (or, after a power cut, an empty) one.
@@ -496,10 +525,14 @@ def export_open_clip(clip: nn.Module, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in clip.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # the pid: two exports to one path do not collide
     mean, std, _ = preprocess_stats(clip)  # read back by create_clip: a SigLIP student stays a SigLIP
-    metadata = {PREPROCESS_METADATA: json.dumps({"mean": mean, "std": std}),
-                ACTIVATION_METADATA: json.dumps(uses_quick_gelu(clip))}
+    metadata = {PREPROCESS_METADATA: json.dumps({"mean": mean, "std": std})}
+    if record_activation:
+        metadata[ACTIVATION_METADATA] = json.dumps(uses_quick_gelu(clip))
+    if uses_quick_gelu(clip):
+        log.info("%s uses QuickGELU: in plain open_clip, load it with force_quick_gelu=True (mmtard reads it from "
+                 "the file)", path)
     try:
         save_file(state, str(tmp), metadata=metadata)
         os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600: other accounts could not read a student

@@ -66,10 +66,13 @@ def fingerprint_text_tower(clip: nn.Module) -> str:
 
 
 def cache_key(clip: nn.Module, classnames: Sequence[str], templates: Sequence[str],
-              fingerprint: str | None = None) -> str:
+              fingerprint: str | None = None, model_name: str = "") -> str:
     """``fingerprint`` (of the text tower, from :func:`fingerprint_text_tower`) saves re-hashing a
-    large frozen tower when one model gets heads for many datasets."""
-    payload = json.dumps({"classes": list(classnames), "templates": list(templates)}, ensure_ascii=False)
+    large frozen tower when one model gets heads for many datasets. ``model_name`` stands for what
+    the weights do not hold: the tokenizer it picks and the text tower's settings (pooling,
+    causal mask), with open_clip's version, which implements both."""
+    payload = json.dumps({"classes": list(classnames), "templates": list(templates), "model": model_name,
+                          "open_clip": open_clip.__version__}, ensure_ascii=False)
     text_hash = hashlib.sha256(payload.encode()).hexdigest()[:24]
     return f"{fingerprint or fingerprint_text_tower(clip)}-{text_hash}"
 
@@ -115,7 +118,7 @@ def text_weights(
     device = next(clip.parameters()).device
     cache_file = None
     if cache_dir is not None:
-        cache_file = Path(cache_dir) / f"text-{cache_key(clip, classnames, templates, fingerprint)}.pt"
+        cache_file = Path(cache_dir) / f"text-{cache_key(clip, classnames, templates, fingerprint, model_name)}.pt"
         cached = _read_cached(cache_file, len(classnames))
         if cached is not None:
             return cached.to(device)
