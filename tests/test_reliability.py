@@ -226,7 +226,7 @@ def test_finished_student_and_records_reach_the_disk_before_their_rename(tmp_pat
     monkeypatch.setattr(checkpoint.os, "replace", lambda a, b: calls.append(("replace", os.path.basename(b)))
                         or real_replace(a, b))
     export_open_clip(create_clip(ModelSpec("mmtard-tiny-vit")), tmp_path / "student.safetensors")
-    assert calls == [("fsync", "student.safetensors.tmp"), ("replace", "student.safetensors"),
+    assert calls == [("fsync", f".student.safetensors.{os.getpid()}.tmp"), ("replace", "student.safetensors"),
                      ("fsync", tmp_path.name)]
     calls.clear()
     write_json_atomic({"a": 1}, tmp_path / "record.json")
