@@ -425,3 +425,16 @@ def test_disk_full_while_writing_results_names_the_file_and_keeps_the_old_one(tm
     monkeypatch.setattr(checkpoint, "durable_replace", real_replace)
     write_json_atomic({"round": 2}, target)
     assert json.loads(target.read_text()) == {"round": 2}
+
+
+def test_two_architectures_with_one_tag_get_rows_of_their_own():
+    """``--model ViT-B-32 --pretrained openai --model ViT-L-14 --pretrained openai`` are two rows
+    (the architecture joins the tag), not a refusal; a name given with --name stays as given."""
+    from argparse import Namespace
+
+    from mmtard.cli import _eval_models
+
+    args = Namespace(model=["ViT-B-32", "ViT-L-14"], pretrained=["openai", "openai"], run=[], name=[])
+    assert [m.row for m in _eval_models(args)] == ["ViT-B-32-openai", "ViT-L-14-openai"]
+    args = Namespace(model=["ViT-B-32", "ViT-L-14"], pretrained=["openai", "laion2b_s32b_b82k"], run=[], name=[])
+    assert [m.row for m in _eval_models(args)] == ["openai", "laion2b_s32b_b82k"]

@@ -57,9 +57,17 @@ def test_quick_demo_results(quick_demo):
 @pytest.mark.slow
 def test_quick_demo_reuses_finished_stages_and_replays_a_stage(quick_demo, tmp_path, monkeypatch):
     before = (quick_demo / "runs" / "ard" / "student.safetensors").stat().st_mtime_ns
+    # a row an earlier run with more --seeds left in the evaluation record: kept there, not reported
+    record = quick_demo / "eval" / "results.json"
+    stale = json.loads(record.read_text())
+    stale["models"]["ard-seed7"] = stale["models"]["ard"]
+    record.write_text(json.dumps(stale))
     monkeypatch.chdir(quick_demo.parent)  # started with an absolute --out, resumed with a relative one
     assert main(["-q", "demo", "--quick", "--out", quick_demo.name]) == 0
     assert (quick_demo / "runs" / "ard" / "student.safetensors").stat().st_mtime_ns == before
+    assert "ard-seed7" in json.loads(record.read_text())["models"]
+    assert "ard-seed7" not in json.loads((quick_demo / "results.json").read_text())["models"]
+    assert "ard-seed7" not in (quick_demo / "report.md").read_text()
     config = quick_demo / "configs" / "mmt_ard_paper.yaml"
     assert main(["-q", "distill", "--config", str(config), "--out", str(tmp_path / "replay"), "train.steps=2"]) == 0
     assert (tmp_path / "replay" / "student.safetensors").exists()
@@ -89,7 +97,8 @@ def test_a_demo_of_an_older_model_forward_is_not_reused(tmp_path, capsys):
     assert "made by an older mmtard" in capsys.readouterr().err
     (tmp_path / "demo.json").write_text(json.dumps({"plan": older, "seeds": 1, "forward": 2}))
     assert main(["demo", "--out", str(tmp_path)]) == 2
-    assert "another plan (world size quick; this one: demo)" in capsys.readouterr().err
+    message = capsys.readouterr().err
+    assert "another plan (world_size: quick there, demo here" in message and "eval_restarts: None there" in message
 
 
 def test_pretraining_refuses_fewer_pairs_than_one_batch(tmp_path):

@@ -86,10 +86,29 @@ def test_report_renders_tables_and_figures(inputs, tmp_path):
 def test_eps_table_has_clean_robust_and_average_columns():
     models = {"m": _row({"cifar10": _dataset(80.0, [60.0, 45.0, 25.0]), "dtd": _dataset(30.0, [20.0, 12.0, 5.0])})}
     table = eps_table(models, "2/255")
-    header, _, line = table.splitlines()
+    header, _, line, _, sizes = table.splitlines()
     assert header.split(" | ")[1:3] == ["cifar10 clean", "cifar10 2/255"]
     assert "avg 2/255" in header
     assert line == "| m | 80.0 | 45.0 | 30.0 | 12.0 | 55.0 | 28.5 |"
+    assert sizes == "Images per set: cifar10 100, dtd 100."
+
+
+def test_eps_table_marks_means_over_fewer_sets_and_sets_of_other_sizes():
+    """Rows averaging other sets, or evaluated on other numbers of images, are not comparable
+    unmarked: a plain mean over fewer sets is starred, a set's cells of uneven sizes get †."""
+    def row(datasets):
+        return {"arch": "x", "weights": None, "attack": {"name": "apgd"}, "datasets": datasets, "average": {}}
+
+    both = row({"a": _dataset(80.0, [60.0, 40.0, 20.0], "classification"),
+                "b": _dataset(60.0, [40.0, 20.0, 10.0], "classification")})
+    one = row({"a": _dataset(80.0, [60.0, 40.0, 20.0], "classification")})
+    one["datasets"]["a"]["n"] = 50
+    table = eps_table({"both": both, "one": one}, "2/255")
+    assert "| both | 80.0† | 40.0† | 60.0 | 20.0 | 70.0 | 30.0 |" in table
+    assert "| one | 80.0† | 40.0† | – | – | 80.0* | 40.0* |" in table
+    assert "\\* average over fewer sets than the other rows' (one: a)" in table
+    assert "† a: rows evaluated on different numbers of images (both 100, one 50)" in table
+    assert "Images per set: b 100." in table
 
 
 def test_report_flags_failed_sanity_checks_without_crashing(tmp_path, caplog):
@@ -189,3 +208,26 @@ def test_l2_radii_are_plotted_as_they_are(tmp_path, monkeypatch):
         plot_accuracy_vs_eps({"m": {"attack": {"norm": norm}, "datasets": ds, "average": {}}}, tmp_path / "f.png")
         ax = figures[-1].axes[0]
         assert (list(ax.lines[0].get_xdata()), ax.get_xlabel()) == expected
+
+
+def test_the_attack_line_follows_the_rows_not_the_first_files_header(tmp_path):
+    """A merge keeps the first file's top-level attack; the report describes the rows' own."""
+    pgd = {"name": "pgd", "attacks": ["pgd"], "iterations": 10, "norm": "linf", "version": "mmtard-pgd-any"}
+    results = _results({"m": _row({"cifar10": _dataset(80.0, [60.0, 45.0, 25.0])}, attack=pgd)})
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    text = run_report([tmp_path / "results.json"], tmp_path / "out").read_text()
+    assert "Attack: pgd (pgd), 10 iterations, norm linf, version mmtard-pgd-any" in text
+    apgd = dict(results["attack"])
+    results["models"]["n"] = _row({"cifar10": _dataset(80.0, [60.0, 45.0, 25.0])}, attack=apgd)
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert "Attack: per row" in run_report([tmp_path / "results.json"], tmp_path / "out2").read_text()
+
+
+def test_a_metrics_file_cut_inside_a_quote_plots_up_to_there(inputs, caplog):
+    from mmtard.report import read_metrics
+
+    with open(inputs[2] / "metrics.csv", "a") as handle:
+        handle.write('21,"0.5\n' + "x" * 200_000 + "\n")  # an unclosed quote: one field to the end
+    with caplog.at_level("WARNING"):
+        series = read_metrics(inputs[2])
+    assert len(series["loss"]) == 20 and "is damaged" in caplog.text

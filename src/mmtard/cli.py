@@ -166,10 +166,14 @@ def _eval_models(args: argparse.Namespace) -> list:
                           f"got {len(args.name)}")
     names = iter(args.name)
     models = []
+    weights_of = [args.pretrained[i] if args.pretrained else None for i in range(len(args.model))]
+    defaults = [Path(w).stem if w else arch for arch, w in zip(args.model, weights_of)]
     for i, arch in enumerate(args.model):
-        weights = args.pretrained[i] if args.pretrained else None
-        name = next(names, None) or (Path(weights).stem if weights else arch)
-        models.append(ModelEntry(name, arch, weights, undefended=name == "undefended"))
+        default = defaults[i]
+        if defaults.count(default) > 1 and default != arch:  # ViT-B-32 and ViT-L-14 both 'openai'
+            default = f"{arch}-{default}"
+        name = next(names, None) or default
+        models.append(ModelEntry(name, arch, weights_of[i], undefended=name == "undefended"))
     for run in map(Path, args.run):
         config, weights = run / "config.yaml", run / "student.safetensors"
         if not (config.is_file() and weights.is_file()):

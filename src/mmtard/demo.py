@@ -166,10 +166,10 @@ def run_demo(out: Path, quick: bool = False, seeds: int = 1) -> dict:
     # find the same ones whether --out is given relative or absolute, or from another working
     # folder (symbolic links are kept, as an absolute --out always kept them)
     out = Path(os.path.abspath(Path(out).expanduser()))
+    if seeds < 1:  # before anything is created
+        raise MmtardError("--seeds must be >= 1")
     _check_out_dir(out)
     plan = QUICK if quick else FULL
-    if seeds < 1:
-        raise MmtardError("--seeds must be >= 1")
     marker = out / MARKER
     if marker.exists():
         try:
@@ -185,9 +185,13 @@ def run_demo(out: Path, quick: bool = False, seeds: int = 1) -> dict:
                               "cannot be reused. Use another --out")
         old_plan = previous.get("plan")
         if old_plan != _plan_dict(plan):
-            size = old_plan.get("world_size", "unknown") if isinstance(old_plan, dict) else "unknown"
-            raise MmtardError(f"{out} holds a demo of another plan (world size {size}; this one: {plan.world_size}); "
-                              "use another --out")
+            if isinstance(old_plan, dict):
+                differ = ", ".join(f"{k}: {old_plan.get(k)} there, {v} here" for k, v in _plan_dict(plan).items()
+                                   if old_plan.get(k) != v)
+            else:
+                differ = "its plan is unreadable"
+            raise MmtardError(f"{out} holds a demo of another plan ({differ}); use another --out "
+                              "(or the same --quick as that run)")
     write_json_atomic({"plan": _plan_dict(plan), "seeds": seeds, "forward": MODEL_FORWARD}, marker)
     started = time.perf_counter()
 
@@ -252,6 +256,9 @@ def _evaluate(out: Path, plan: DemoPlan, world_dir: Path, student_base: Path, cl
     datasets = world_datasets(world_dir)
     results = run_eval(models, datasets, list(plan.eval_eps), attack=spec, n_samples=plan.eval_samples,
                        batch_size=100, out_dir=out / "eval", seed=0, device="cpu")
+    # eval/results.json keeps the rows of an earlier run with more --seeds (their work is not lost
+    # if those seeds come back); this run reports its own rows only
+    results = _only_rows(results, {m.row for m in models})
     efficiency = []
     for row in ("mmt_ard_paper", "ard"):
         for step, elapsed, path in _checkpoint_students(out, row):
@@ -267,8 +274,21 @@ def _evaluate(out: Path, plan: DemoPlan, world_dir: Path, student_base: Path, cl
     return results
 
 
+def _only_rows(results: dict, rows: set[str]) -> dict:
+    """``results`` with only the rows ``rows`` (sanity checks recomputed)."""
+    from mmtard.results import sanity_checks
+
+    kept = dict(results, models={row: entry for row, entry in results["models"].items() if row in rows})
+    kept["sanity"] = sanity_checks(kept)
+    return kept
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else value  # an accuracy of 0.0 is a number
 
 
 def _table_text(results: dict, plan: DemoPlan) -> str:
@@ -281,7 +301,7 @@ def _table_text(results: dict, plan: DemoPlan) -> str:
         world = data["datasets"].get("world", {})
         avg = data.get("average", {})
         lines.append(f"{row:<26} {world.get('clean', float('nan')):>12.1f} {world.get('robust', {}).get(eps, float('nan')):>14.1f} "
-                     f"{(avg.get('clean') or float('nan')):>16.1f} {(avg.get('robust') or {}).get(eps, float('nan')):>16.1f}")
+                     f"{_or_nan(avg.get('clean')):>16.1f} {(avg.get('robust') or {}).get(eps, float('nan')):>16.1f}")
     return "\n".join(lines)
 
 
@@ -290,16 +310,15 @@ def _report(out: Path, plan: DemoPlan, results: dict, students: dict[str, list[P
     from mmtard.report import run_report
 
     runs = [out / "runs" / name for name in ("clean_teacher", "robust_teacher", "mmt_ard_paper", "ard")]
-    report = run_report([out / "eval", *runs], out)
-    summary = _demo_section(plan, results, students, seeds, seconds, out)
-    text = report.read_text()
-    ckpt.atomic_write_text(summary + "\n" + text, report)
-    merged = json.loads((out / "eval" / "results.json").read_text())
-    merged["efficiency"] = results["efficiency"]
-    merged["demo"] = {"plan": _plan_dict(plan), "seeds": seeds, "seconds": round(seconds, 1)}
+    # this run's rows (not eval/results.json, which may keep an earlier run's extra seeds)
+    merged = dict(results, demo={"plan": _plan_dict(plan), "seeds": seeds, "seconds": round(seconds, 1)})
     if seeds > 1:
         merged["seed_summary"] = _seed_summary(results, students, plan)
     write_json_atomic(merged, out / "results.json")
+    report = run_report([out / "results.json", *runs], out)
+    summary = _demo_section(plan, results, students, seeds, seconds, out)
+    text = report.read_text()
+    ckpt.atomic_write_text(summary + "\n" + text, report)
     return report
 
 

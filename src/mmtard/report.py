@@ -60,15 +60,20 @@ def read_metrics(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
     """Numeric columns of a run's metrics.csv as (step, value) series; blank cells skipped."""
     series: dict[str, list[tuple[float, float]]] = {}
     # undecodable bytes (a damaged file) read as U+FFFD: their cells parse as no number and are skipped
-    with open(run_dir / METRICS_NAME, newline="", encoding="utf-8", errors="replace") as handle:
-        for i, row in enumerate(csv.DictReader(handle)):
-            step = _number(row.get("step")) if "step" in row else float(i)
-            if step is None:  # a damaged row: its values belong to no known step
-                continue
-            for key, text in row.items():
-                value = _number(text)
-                if key and key != "step" and value is not None:
-                    series.setdefault(key, []).append((step, value))
+    path = run_dir / METRICS_NAME
+    with open(path, newline="", encoding="utf-8", errors="replace") as handle:
+        reader = csv.DictReader(handle)
+        try:
+            for i, row in enumerate(reader):
+                step = _number(row.get("step")) if "step" in row else float(i)
+                if step is None:  # a damaged row: its values belong to no known step
+                    continue
+                for key, text in row.items():
+                    value = _number(text)
+                    if key and key != "step" and value is not None:
+                        series.setdefault(key, []).append((step, value))
+        except csv.Error as exc:  # e.g. an unclosed quote: the rest of the file is one broken field
+            log.warning("%s: line %d is damaged (%s); the curves stop there", path, reader.line_num, exc)
     return series
 
 
@@ -112,8 +117,10 @@ def _datasets_of(models: dict) -> list[str]:
 def eps_table(models: dict, eps: str) -> str:
     """Markdown table at one eps: clean and robust per dataset, then the average.
 
-    An average taken over fewer zero-shot sets than other rows have is starred: it is not
-    comparable with theirs.
+    An average taken over fewer sets than the other rows' (zero-shot sets for a zero-shot
+    average, all sets for a plain mean) is starred: it is not comparable with theirs. A set
+    evaluated on different numbers of images in different rows is marked (†) with the numbers;
+    otherwise each set's number of images is listed under the table.
     """
     names = _datasets_of(models)
     attacks = {row: _attack_label(entry.get("attack", {})) for row, entry in models.items()}
@@ -124,26 +131,39 @@ def eps_table(models: dict, eps: str) -> str:
     zeroshot = {n for e in models.values() for n, d in e["datasets"].items() if d.get("kind", "zeroshot") == "zeroshot"}
     summaries = {row: _row_summary(entry) for row, entry in models.items()}
     mixed_labels = len({summary["label"] for summary in summaries.values()}) > 1
+    sizes = {n: {row: e["datasets"][n].get("n") for row, e in models.items() if n in e["datasets"]} for n in names}
+    uneven = [n for n in names if len(set(sizes[n].values())) > 1]
     partial, means = [], []
     for row, entry in models.items():
         cells = [row] + ([attacks[row]] if show_attack else [])
         for n in names:
             ds = entry["datasets"].get(n, {})
-            cells += [_fmt(ds.get("clean")), _fmt(ds.get("robust", {}).get(eps))]
+            dagger = "†" if n in uneven and ds else ""
+            cells += [_fmt(ds.get("clean")) + dagger, _fmt(ds.get("robust", {}).get(eps)) + dagger]
         summary = summaries[row]
         mark = ""
         if summary["label"] == "zero-shot avg" and set(entry["average"]["datasets"]) != zeroshot:
             mark = "*"
             partial.append(f"{row}: {', '.join(entry['average']['datasets'])}")
-        elif summary["label"] == "mean" and mixed_labels:
-            mark = "°"
-            means.append(row)
+        elif summary["label"] == "mean":
+            if set(entry["datasets"]) != set(names):
+                mark = "*"
+                partial.append(f"{row}: {', '.join(entry['datasets'])}")
+            if mixed_labels:
+                mark += "°"
+                means.append(row)
         cells += [_fmt(summary["clean"]) + mark, _fmt(summary["robust"].get(eps)) + mark]
         lines.append("| " + " | ".join(cells) + " |")
     if partial:
-        lines += ["", "\\* average over fewer zero-shot sets (" + "; ".join(partial) + ")"]
+        lines += ["", "\\* average over fewer sets than the other rows' (" + "; ".join(partial) + ")"]
     if means:
         lines += ["", f"° no zero-shot set: mean over all of the row's sets, not comparable ({', '.join(means)})"]
+    for n in uneven:
+        lines += ["", f"† {n}: rows evaluated on different numbers of images ("
+                  + ", ".join(f"{row} {size}" for row, size in sizes[n].items()) + ")"]
+    even = [f"{n} {next(iter(sizes[n].values()))}" for n in names if n not in uneven and sizes[n]]
+    if even:
+        lines += ["", "Images per set: " + ", ".join(even) + "."]
     return "\n".join(lines)
 
 
@@ -263,11 +283,18 @@ def _safe_name(text: str) -> str:
 
 def _results_section(results: dict, out_dir: Path) -> list[str]:
     models = results["models"]
-    attack = results.get("attack", {})
-    lines = ["## Accuracy (%)", "",
-             f"Attack: {attack.get('name', '?')} ({', '.join(attack.get('attacks', []))}), "
-             f"{attack.get('iterations', '?')} iterations, norm {attack.get('norm', '?')}, "
-             f"version {attack.get('version', '?')}; n per dataset in results.json.", ""]
+    # the rows' own attacks: a merge keeps the first file's top-level one even where later files
+    # replaced every row with another attack
+    by_label = {_attack_label(a) + f"/{a.get('version')}": a
+                for a in (entry.get("attack") or results.get("attack", {}) for entry in models.values())}
+    if len(by_label) <= 1:
+        attack = next(iter(by_label.values()), results.get("attack", {}))
+        described = (f"Attack: {attack.get('name', '?')} ({', '.join(attack.get('attacks', []))}), "
+                     f"{attack.get('iterations', '?')} iterations, norm {attack.get('norm', '?')}, "
+                     f"version {attack.get('version', '?')}")
+    else:
+        described = "Attack: per row (the tables' attack column; details in results.json)"
+    lines = ["## Accuracy (%)", "", f"{described}; n per dataset in results.json.", ""]
     all_eps = sorted_eps(k for e in models.values() for d in e["datasets"].values() for k in d["robust"])
     for key in all_eps:
         lines += [f"### eps = {key}", "", eps_table(models, key), ""]
