@@ -144,8 +144,10 @@ class Trainer:
         self.env = init_distributed(self.device.type)
         if self.device.type == "cuda":
             # under torchrun each rank takes its local GPU; a single process keeps the one it was given
-            if self.env.enabled or self.device.index is None:
-                self.device = torch.device("cuda", self.env.local_rank if self.env.enabled else torch.cuda.current_device())
+            if self.env.enabled:
+                self.device = torch.device("cuda", self.env.local_rank)
+            elif self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)  # the CUDA RNG a checkpoint saves is the current device's
         self.show_progress = show_progress and self.env.is_main
         # Rank 0 alone inspects (and later clears) DIR, then tells every rank which checkpoint to

@@ -48,7 +48,8 @@ def read_classnames(path: str | Path, error: type[Exception] = DataError, key: s
     file: one in the middle would shift every later label onto the wrong name. ``error`` and
     ``key`` (e.g. ``ConfigError`` and ``"data.classnames: "``) say where the file was named."""
     try:
-        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8-sig").splitlines()]  # -sig: a BOM is no name
+        # utf-8-sig: a byte-order mark is not part of the first name
+        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8-sig").splitlines()]
     except OSError as exc:
         raise error(f"{key}cannot read {path}: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:
