@@ -109,3 +109,14 @@ def test_pretraining_refuses_fewer_pairs_than_one_batch(tmp_path):
     with pytest.raises(DataError, match="3 image-caption pairs, fewer than one batch of 8"):
         pretrain_clip(pairs, PretrainConfig("mmtard-tiny-vit", steps=2, batch_size=8), tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_quiet_reaches_the_demos_progress_bars(tmp_path, monkeypatch):
+    import mmtard.demo
+
+    seen = {}
+    monkeypatch.setattr(mmtard.demo, "run_demo", lambda out, **kwargs: seen.update(kwargs))
+    assert main(["-q", "demo", "--quick", "--out", str(tmp_path / "d")]) == 0
+    assert seen["show_progress"] is False
+    assert main(["demo", "--quick", "--out", str(tmp_path / "d")]) == 0
+    assert seen["show_progress"] is True

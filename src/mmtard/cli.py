@@ -300,7 +300,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mmtard.demo import run_demo
 
-    run_demo(Path(args.out), quick=args.quick, seeds=args.seeds)
+    run_demo(Path(args.out), quick=args.quick, seeds=args.seeds, show_progress=not args.quiet)
     return 0
 
 

@@ -121,7 +121,7 @@ def _train_config(plan: DemoPlan, world: Path, arch: str, weights: Path, method:
     )
 
 
-def _run_stage(out: Path, name: str, config: Config) -> Path:
+def _run_stage(out: Path, name: str, config: Config, show_progress: bool = True) -> Path:
     """Write the stage's config, train it unless already finished, return the exported student."""
     from mmtard.trainer import STUDENT_FILE, train
 
@@ -133,7 +133,7 @@ def _run_stage(out: Path, name: str, config: Config) -> Path:
         log.info("%s: finished earlier, reused", name)
         return run_dir / STUDENT_FILE
     _stage(f"train {name}")
-    return train(load_config(config_path), run_dir)
+    return train(load_config(config_path), run_dir, show_progress=show_progress)
 
 
 def _checkpoint_students(out: Path, name: str) -> list[tuple[int, float, Path]]:
@@ -158,8 +158,9 @@ def _checkpoint_students(out: Path, name: str) -> list[tuple[int, float, Path]]:
     return points
 
 
-def run_demo(out: Path, quick: bool = False, seeds: int = 1) -> dict:
-    """Run (or resume) the demo in ``out``; returns the results dict."""
+def run_demo(out: Path, quick: bool = False, seeds: int = 1, show_progress: bool = True) -> dict:
+    """Run (or resume) the demo in ``out``; returns the results dict. ``show_progress=False``
+    (``mmtard -q demo``) silences the stages' progress bars."""
     from mmtard.world import generate_world, load_world
 
     # absolute: the stage configs and evaluation records store paths under it, and a resume must
@@ -204,15 +205,16 @@ def run_demo(out: Path, quick: bool = False, seeds: int = 1) -> dict:
     _stage("2. contrastive pre-training of the tiny CLIPs")
     captions = world.captions()
     student_base = pretrain_clip(captions, PretrainConfig(STUDENT_ARCH, plan.pretrain_steps, plan.pretrain_batch),
-                                 out / "pretrained" / "student_base.safetensors")
+                                 out / "pretrained" / "student_base.safetensors", show_progress=show_progress)
     teacher_base = pretrain_clip(captions, PretrainConfig(TEACHER_ARCH, plan.pretrain_steps, plan.pretrain_batch),
-                                 out / "pretrained" / "teacher_base.safetensors")
+                                 out / "pretrained" / "teacher_base.safetensors", show_progress=show_progress)
 
     _stage("3. teachers")
     clean_teacher = _run_stage(out, "clean_teacher", _train_config(
-        plan, world_dir, TEACHER_ARCH, teacher_base, {"name": "clean_ft"}, [], 0, plan.teacher_steps, adversarial=False))
+        plan, world_dir, TEACHER_ARCH, teacher_base, {"name": "clean_ft"}, [], 0, plan.teacher_steps, adversarial=False),
+        show_progress)
     robust_teacher = _run_stage(out, "robust_teacher", _train_config(
-        plan, world_dir, TEACHER_ARCH, teacher_base, {"name": "pmg_aft"}, [], 0, plan.teacher_steps))
+        plan, world_dir, TEACHER_ARCH, teacher_base, {"name": "pmg_aft"}, [], 0, plan.teacher_steps), show_progress)
     teachers = [TeacherConfig(TEACHER_ARCH, str(clean_teacher), "clean"),
                 TeacherConfig(TEACHER_ARCH, str(robust_teacher), "robust")]
 
@@ -225,10 +227,10 @@ def run_demo(out: Path, quick: bool = False, seeds: int = 1) -> dict:
             wanted = roles.get(method["name"], [])
             config = _train_config(plan, world_dir, STUDENT_ARCH, student_base, method,
                                    [t for t in teachers if t.role in wanted], seed, plan.student_steps)
-            students.setdefault(row, []).append(_run_stage(out, name, config))
+            students.setdefault(row, []).append(_run_stage(out, name, config, show_progress))
 
     _stage("5. evaluation")
-    results = _evaluate(out, plan, world_dir, student_base, clean_teacher, robust_teacher, students)
+    results = _evaluate(out, plan, world_dir, student_base, clean_teacher, robust_teacher, students, show_progress)
     _stage("6. report")
     report = _report(out, plan, results, students, seeds, time.perf_counter() - started)
     print(_table_text(results, plan))
@@ -241,7 +243,7 @@ def _plan_dict(plan: DemoPlan) -> dict:
 
 
 def _evaluate(out: Path, plan: DemoPlan, world_dir: Path, student_base: Path, clean_teacher: Path,
-              robust_teacher: Path, students: dict[str, list[Path]]) -> dict:
+              robust_teacher: Path, students: dict[str, list[Path]], show_progress: bool = True) -> dict:
     from mmtard.autoattack import AttackSpec
     from mmtard.eval_sets import world_datasets
     from mmtard.evaluate import ModelEntry, run_eval
@@ -255,7 +257,7 @@ def _evaluate(out: Path, plan: DemoPlan, world_dir: Path, student_base: Path, cl
     spec = AttackSpec(name="apgd", iterations=plan.eval_iterations, n_target_classes=3, restarts=plan.eval_restarts)
     datasets = world_datasets(world_dir)
     results = run_eval(models, datasets, list(plan.eval_eps), attack=spec, n_samples=plan.eval_samples,
-                       batch_size=100, out_dir=out / "eval", seed=0, device="cpu")
+                       batch_size=100, out_dir=out / "eval", seed=0, device="cpu", progress=show_progress)
     # eval/results.json keeps the rows of an earlier run with more --seeds (their work is not lost
     # if those seeds come back); this run reports its own rows only
     results = _only_rows(results, {m.row for m in models})
@@ -265,7 +267,7 @@ def _evaluate(out: Path, plan: DemoPlan, world_dir: Path, student_base: Path, cl
             efficiency.append((row, step, elapsed, ModelEntry(f"{row}@{step}", STUDENT_ARCH, str(path))))
     eff_results = run_eval([e[3] for e in efficiency], [d for d in datasets if d.name == "world"],
                            [plan.eval_eps[-1]], attack=spec, n_samples=plan.eval_samples, batch_size=100,
-                           out_dir=out / "eval_efficiency", seed=0, device="cpu")
+                           out_dir=out / "eval_efficiency", seed=0, device="cpu", progress=show_progress)
     results["efficiency"] = [
         {"row": row, "step": step, "elapsed_s": elapsed,
          "robust": eff_results["models"][entry.row]["datasets"]["world"]["robust"][plan.eval_eps[-1]]}
