@@ -765,3 +765,71 @@ def test_imagenet_evaluation_needs_all_1000_class_folders(tmp_path):
     (val / "n99999999").rename(val / others[-1])
     entry = imagenet_dataset(tmp_path / "imagenet", list_file=lst, image_size=8)
     assert len(entry.classnames) == 1000 and entry.classnames[0] == "tench"
+
+
+def test_resume_refuses_a_set_whose_labels_changed_under_the_same_names(trained_weights, tmp_path):
+    """A set with no file digest (CIFAR's few binary files, an in-memory set) replaced by another of
+    the same size keeps every sample id; its labels tell, and the stored verdicts are refused."""
+    args = dict(eps_list=["1/255", "2/255"], attack=AttackSpec(name="pgd", iterations=1), n_samples=16,
+                batch_size=8, seed=5, progress=False, out_dir=tmp_path)
+
+    def stop_after_first(dataset, eps, chunk):  # batch 0 has its labels and one radius stored
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_eval([_row(trained_weights)], [_entry(16)], on_batch=stop_after_first, **args)
+    relabelled = _entry(16)
+    relabelled.dataset.labels = (relabelled.dataset.labels + 1) % len(CLASSES)
+    with pytest.raises(DataError, match=r"'patterns': batch 0 has other labels than the stored record's"):
+        run_eval([_row(trained_weights)], [relabelled], **args)
+
+
+def test_a_record_another_evaluation_is_completing_is_refused(tmp_path):
+    """Two runs completing one record would each rewrite it whole from their own copy; the second
+    is refused. Other records of the same folder stay free."""
+    from mmtard.errors import MmtardError
+    from mmtard.evaluate import _hold_record
+
+    path = tmp_path / "samples" / "m" / "patterns.json"
+    held = _hold_record(path)
+    try:
+        with pytest.raises(MmtardError, match=r"patterns.json is being evaluated by another mmtard eval run"):
+            run_eval([ModelEntry("m", TINY)], [_entry(8)], ["1/255"], AttackSpec(name="pgd", iterations=1),
+                     n_samples=4, batch_size=4, out_dir=tmp_path, progress=False)
+        _hold_record(tmp_path / "samples" / "m" / "other.json").close()
+    finally:
+        held.close()
+    run_eval([ModelEntry("m", TINY)], [_entry(8)], ["0/255"], AttackSpec(name="pgd", iterations=1),
+             n_samples=4, batch_size=4, out_dir=tmp_path / "zero", progress=False)
+    record = json.loads((tmp_path / "zero" / "samples" / "m" / "patterns.json").read_text())
+    assert record["robust"]["0/255"] == record["clean"]  # eps 0: robust is clean-correct, no second pass
+
+
+def test_a_torchvision_array_set_is_digested_from_its_images():
+    """CIFAR and STL-10 keep their images in one array read from a few binary files: the record's
+    digest is of the evaluated images and labels, so another set of the same size is told apart."""
+    import numpy as np
+
+    from mmtard.dataset_digest import dataset_digest
+
+    class ArraySet:  # torchvision's CIFAR10 shape: data [N, H, W, 3] uint8, targets list
+        def __init__(self, seed):
+            self.data = np.random.default_rng(seed).integers(0, 255, (6, 4, 4, 3), dtype=np.uint8)
+            self.targets = [0, 1, 2, 0, 1, 2]
+
+        def __len__(self):
+            return 6
+
+    class Wrapped:  # as ZeroShotSuiteDataset holds it
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __len__(self):
+            return len(self.inner)
+
+    a, b = Wrapped(ArraySet(0)), Wrapped(ArraySet(1))
+    assert dataset_digest(a, [0, 2], "files") == dataset_digest(Wrapped(ArraySet(0)), [0, 2], "bytes")
+    assert dataset_digest(a, [0, 2], "files") != dataset_digest(b, [0, 2], "files")
+    relabelled = ArraySet(0)
+    relabelled.targets = [1, 1, 2, 0, 1, 2]
+    assert dataset_digest(a, [0, 2], "files") != dataset_digest(Wrapped(relabelled), [0, 2], "files")

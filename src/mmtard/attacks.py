@@ -46,9 +46,14 @@ def parse_eps(value: str | float | int, name: str = "eps") -> float:
 
 
 def format_eps(eps: float) -> str:
-    """Inverse of :func:`parse_eps` for reports: 2/255 where exact, else the decimal."""
+    """Inverse of :func:`parse_eps` for reports and record keys: 2/255 where exact, else the
+    shortest decimal that reads back as ``eps`` (``0.1``; ``0.1000004``, not its 6-digit ``0.1``,
+    which would give two radii one key)."""
     k = eps * 255
-    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else f"{eps:g}"
+    if abs(k - round(k)) < 1e-6:
+        return f"{round(k)}/255"
+    text = f"{eps:g}"
+    return text if float(text) == eps else repr(eps)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ import hashlib
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
+
 #: the two digests of a record's ``data`` block: file sizes and mtimes, then file contents
 KINDS = ("files", "bytes")
 
@@ -21,13 +23,28 @@ KINDS = ("files", "bytes")
 def evaluated_files(dataset) -> tuple[Sequence, Sequence] | None:
     """(image paths, labels) of a dataset read from image files, by index; None for the others
     (streamed webdataset shards, in-memory sets, torchvision sets kept in a few binary files).
-    Indexed shards mark each sample themselves (``digest_mark``)."""
+    Indexed shards mark each sample themselves (``digest_mark``); torchvision's array sets are
+    digested from their arrays (:func:`in_memory_arrays`)."""
     files, targets = getattr(dataset, "files", None), getattr(dataset, "targets", None)
     if files is not None and targets is not None:  # mmtard's folder, list and CSV datasets
         return files, targets
     samples = getattr(getattr(dataset, "inner", None), "samples", None)  # a wrapped torchvision ImageFolder
     if isinstance(samples, list) and samples and len(samples) == len(dataset) and isinstance(samples[0], tuple):
         return [s[0] for s in samples], [s[1] for s in samples]
+    return None
+
+
+def in_memory_arrays(dataset) -> tuple[np.ndarray, Sequence] | None:
+    """(images, labels) of a torchvision set that holds its images as one array read from a few
+    binary files (CIFAR-10/100: ``data`` and ``targets``; STL-10: ``data`` and ``labels``), itself
+    or wrapped (``inner``); None for the others."""
+    inner = getattr(dataset, "inner", dataset)
+    images = getattr(inner, "data", None)
+    labels = getattr(inner, "targets", None)
+    if labels is None:
+        labels = getattr(inner, "labels", None)
+    if isinstance(images, np.ndarray) and labels is not None and len(images) == len(labels) == len(dataset):
+        return images, labels
     return None
 
 
@@ -43,6 +60,14 @@ def dataset_digest(dataset, indices: Sequence[int], kind: str) -> str | None:
         digest = hashlib.sha256()
         for i in indices:
             digest.update(f"{marker(i, kind)}|{dataset.targets[i]}\0".encode())
+        return digest.hexdigest()[:16]
+    arrays = in_memory_arrays(dataset)
+    if arrays is not None:  # the images themselves are at hand: both kinds digest their bytes
+        images, labels = arrays
+        digest = hashlib.sha256()
+        for i in indices:
+            digest.update(images[i].tobytes())
+            digest.update(f"|{int(labels[i])}\0".encode())
         return digest.hexdigest()[:16]
     listed = evaluated_files(dataset)
     if listed is None:

@@ -11,16 +11,22 @@ and are not attacked.
 Resumable and mergeable: per-sample verdicts live in ``out_dir/samples/<row>/<dataset>.json`` and
 are rewritten atomically after every batch and eps, so an evaluation killed midway recomputes only
 what is missing. Batches are fixed slices of the seeded subsample and each attack call has its own
-seed, so a resumed run gives exactly the numbers of an uninterrupted one.
+seed, so on a CPU a resumed run gives exactly the numbers of an uninterrupted one. On a GPU some
+kernels are not deterministic (the input gradient of a bicubic resize sums with atomics), so a
+resumed run matches an uninterrupted one as closely as two uninterrupted runs match each other.
+A record another run is completing is refused (a lock beside it); a set whose labels changed
+under the same sample ids is refused too.
 
 Under torchrun the missing batches are dealt round-robin to the ranks; after each round of
 ``world_size`` batches the verdicts are gathered and rank 0 alone writes the record (and, at the
 end, results.json). Since a batch's verdicts do not depend on which process computes them, a
-distributed evaluation gives exactly the single-process numbers.
+distributed evaluation gives the single-process numbers (exactly, where the kernels are
+deterministic).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -118,6 +124,26 @@ def _new_record(
         "sample_ids": [str(ids[i]) for i in indices] if ids is not None else [str(i) for i in indices],
         "labels": [None] * len(indices), "clean": [None] * len(indices), "robust": {}, "messages": [],
     }
+
+
+def _hold_record(path: Path):
+    """An exclusive hold on the record at ``path`` (a lock on ``.<name>.lock`` beside it), or a
+    refusal when another evaluation holds it: two runs completing one record would each rewrite it
+    whole from their own copy, and one's finished work would be lost. Runs evaluating other rows or
+    sets into the same folder go on side by side. Released when the handle is closed or the process
+    dies."""
+    lock = path.with_name(f".{path.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(lock, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise MmtardError(f"{path} is being evaluated by another mmtard eval run; wait for it to end, or "
+                          "evaluate into another --out") from None
+    except OSError as exc:  # a file system without locks: go on unguarded, as training does
+        log.warning("cannot lock %s (%s): nothing stops a second evaluation of this record", lock, exc)
+    return handle
 
 
 def _open_record(path: Path, fresh: dict, data_digest: Callable[[str], str | None] | None = None) -> dict:
@@ -284,6 +310,13 @@ def _evaluate_chunk(
     sl = slice(c * bs, c * bs + len(y))
     x, y = x.to(device).float(), y.to(device)
     stored = record["clean"][sl]
+    labels = record["labels"][sl]
+    if all(v is not None for v in labels) and labels != y.tolist():
+        # same sample ids, other labels: another dataset under the same names (a set without a
+        # file digest, e.g. CIFAR's few binary files); its stored verdicts are of other images
+        raise DataError(f"dataset {entry.name!r}: batch {c} has other labels than the stored record's; the set "
+                        f"changed since it was evaluated. Delete samples/{model.row}/{entry.name}.json in the "
+                        "output folder, or evaluate into another --out")
     if all(v is not None for v in stored):  # keep the verdicts the stored attacks were run on
         correct = torch.tensor(stored, dtype=torch.bool, device=y.device)
     else:  # in the precision the attacks run in (robust_flags), so they start from these verdicts
@@ -295,7 +328,9 @@ def _evaluate_chunk(
         if all(v is not None for v in record["robust"][key][sl]):
             continue
         robust = torch.zeros_like(correct)
-        if correct.any():
+        if value == 0:  # nothing to perturb: robust is clean-correct (a second pass could flip near-ties)
+            robust = correct.clone()
+        elif correct.any():
             attack_seed = _attack_seed(record["seed"], entry.name, c, key)
             outcome = robust_flags(classifier, x[correct], y[correct], value, spec, attack_seed)
             robust[correct] = outcome.robust.to(robust.device)
@@ -458,13 +493,19 @@ def run_eval(
                     digests[entry.name, kind] = dataset_digest(entry.dataset, indices, kind)
                 return digests[entry.name, kind]
 
-            # under torchrun, rank 0 reads (and digests) and shares it
-            record = run_on_main(_open_record, path, fresh, data_digest)
-            if _missing_chunks(record, list(eps)):
-                classifier = _load_classifier(model, device, cache)
-                classifier.set_text_weights(_head(classifier, model, entry, out_dir))
-                _evaluate_one(classifier, model, entry, record, path, eps, spec, device, num_workers, progress,
-                              on_batch)
+            held: list = []  # rank 0's hold on the record while this run reads and completes it
+            run_on_main(lambda: held.append(_hold_record(path)))
+            try:
+                # under torchrun, rank 0 reads (and digests) and shares it
+                record = run_on_main(_open_record, path, fresh, data_digest)
+                if _missing_chunks(record, list(eps)):
+                    classifier = _load_classifier(model, device, cache)
+                    classifier.set_text_weights(_head(classifier, model, entry, out_dir))
+                    _evaluate_one(classifier, model, entry, record, path, eps, spec, device, num_workers, progress,
+                                  on_batch)
+            finally:
+                for handle in held:
+                    handle.close()  # closing drops the lock
             row["datasets"][entry.name] = summarize(record)
             warnings_seen += [m for m in record["messages"] if m not in warnings_seen]
         row["average"] = zeroshot_average(row["datasets"])
