@@ -438,3 +438,54 @@ def test_two_architectures_with_one_tag_get_rows_of_their_own():
     assert [m.row for m in _eval_models(args)] == ["ViT-B-32-openai", "ViT-L-14-openai"]
     args = Namespace(model=["ViT-B-32", "ViT-L-14"], pretrained=["openai", "laion2b_s32b_b82k"], run=[], name=[])
     assert [m.row for m in _eval_models(args)] == ["openai", "laion2b_s32b_b82k"]
+
+
+def test_empty_model_settings_and_bad_counts_are_refused_by_key(world_dir):
+    """An unset shell variable (``student.pretrained=$S``) must not train from random weights."""
+    from mmtard.config import load_config
+
+    base = [f"data.root={world_dir}"]
+    with pytest.raises(ConfigError, match=r"student.pretrained: empty \(an unset variable\?\)"):
+        load_config(None, base + ["student.pretrained="])
+    with pytest.raises(ConfigError, match=r"teachers\[1\].pretrained: empty"):
+        load_config(None, base + ["teachers=[{name: mmtard-small-vit, role: clean}, "
+                                  "{name: mmtard-small-vit, role: robust, pretrained: ''}]"])
+    with pytest.raises(ConfigError, match=r"student.name: empty"):
+        load_config(None, base + ["student.name="])
+    with pytest.raises(ConfigError, match=r"train.global_batch: 0 must be >= 1"):
+        load_config(None, base + ["train.global_batch=0"])
+
+
+def test_settings_a_run_will_not_use_are_named(world_dir, caplog):
+    from mmtard.config import load_config
+
+    teachers = "teachers=[{name: mmtard-small-vit, role: clean}, {name: mmtard-small-vit, role: robust}]"
+    with caplog.at_level("WARNING"):
+        load_config(None, [f"data.root={world_dir}", "method.name=clean_ft", "train.compile_attack=true",
+                           "train.compile_mode=reduce-overhead", "method.reference={name: mmtard-tiny-vit}", teachers])
+    for key in ("teachers: method 'clean_ft' uses no teacher", "method.reference: method 'clean_ft'",
+                "train.compile_attack: method 'clean_ft' runs no attack"):
+        assert key in caplog.text, key
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        load_config(None, [f"data.root={world_dir}", "train.compile_mode=reduce-overhead", teachers])
+    assert "train.compile_mode: applies with train.compile or train.compile_attack, both off" in caplog.text
+
+
+def test_a_run_refused_while_it_is_built_leaves_no_new_folder(world_dir, tmp_path):
+    """The folder a refused command made (config and lock only) goes; one holding anything else stays;
+    the refusal names the config entry whose weights are missing."""
+    from mmtard.config import load_config
+    from mmtard.errors import MmtardError
+    from mmtard.trainer import Trainer
+
+    overrides = [f"data.root={world_dir}", "teachers=[{name: mmtard-small-vit, role: clean}, "
+                 "{name: mmtard-small-vit, role: robust, pretrained: /nonexistent/teacher.safetensors}]"]
+    with pytest.raises(MmtardError, match=r"teachers\[1\]: weight file not found: /nonexistent/teacher.safetensors"):
+        Trainer(load_config(None, overrides), tmp_path / "new", show_progress=False)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "config.yaml").write_text("")  # an earlier run's: not this command's to remove
+    with pytest.raises(MmtardError):
+        Trainer(load_config(None, overrides), tmp_path / "kept", show_progress=False)
+    assert (tmp_path / "kept").is_dir()

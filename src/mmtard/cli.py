@@ -25,8 +25,10 @@ log = logging.getLogger("mmtard")
 
 
 def _drop_random_init_notice(record: logging.LogRecord) -> bool:
-    """open_clip warns for every randomly initialised model; the tiny models are meant to be."""
-    return "Model initialized randomly" not in record.getMessage()
+    """open_clip warns for every randomly initialised model; mmtard's tiny models are meant to be,
+    any other architecture (a forgotten ``pretrained``) keeps the warning."""
+    message = record.getMessage()
+    return not ("Model initialized randomly" in message and "'mmtard-" in message)
 
 
 def _add_run_args(parser: argparse.ArgumentParser) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import logging
 import math
 import re
 import string
@@ -23,6 +24,8 @@ import yaml
 
 from mmtard.attacks import PGDConfig, parse_eps
 from mmtard.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -379,10 +382,17 @@ def validate(config: Config) -> None:
     if config.data.classnames and config.data.source not in ("shards", "imagefolder"):
         raise ConfigError(f"data.classnames: applies to data.source shards and imagefolder, not "
                           f"'{config.data.source}' (which names its classes itself)")
+    for key, model in _model_configs(config):
+        if model.pretrained is not None and not str(model.pretrained).strip():
+            raise ConfigError(f"{key}.pretrained: empty (an unset variable?); give a tag such as openai, a weights "
+                              "file, or leave the key out for random weights")
+        if not str(model.name).strip():
+            raise ConfigError(f"{key}.name: empty; give an open_clip architecture such as ViT-B-32")
     config.attack.pgd()  # parses eps and step size
     train = config.train
-    if train.steps < 1 or train.global_batch < 1:
-        raise ConfigError("train.steps and train.global_batch must be >= 1")
+    for key in ("steps", "global_batch"):
+        if getattr(train, key) < 1:
+            raise ConfigError(f"train.{key}: {getattr(train, key)} must be >= 1")
     if train.micro_batch is not None and train.micro_batch < 1:
         raise ConfigError("train.micro_batch must be >= 1")
     if train.precision not in ("auto", "fp32", "bf16"):
@@ -400,6 +410,35 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.teacher_attention: '{train.teacher_attention}' is not one of "
                           f"{', '.join(TEACHER_ATTENTION)}")
     METHODS[method.name].check_config(config)
+    _warn_unused(config)
+
+
+def _model_configs(config: Config) -> list[tuple[str, object]]:
+    """(key, model config) of every model a config names: student, teachers, reference."""
+    models = [("student", config.student)] + [(f"teachers[{i}]", t) for i, t in enumerate(config.teachers)]
+    if config.method.reference is not None:
+        models.append(("method.reference", config.method.reference))
+    return models
+
+
+def _warn_unused(config: Config) -> None:
+    """Settings the run will not use: said by key, since a silently ignored one looks like a choice."""
+    from mmtard.methods import METHODS
+
+    cls = METHODS[config.method.name]
+    train = config.train
+    unused = []
+    if config.teachers and not cls.required_roles:
+        unused.append(f"teachers: method '{config.method.name}' uses no teacher; the {len(config.teachers)} "
+                      "listed are ignored")
+    if config.method.reference is not None and not cls.needs_reference:
+        unused.append(f"method.reference: method '{config.method.name}' uses no reference model")
+    if train.compile_attack and not cls.adversarial:
+        unused.append(f"train.compile_attack: method '{config.method.name}' runs no attack")
+    if train.compile_mode and not (train.compile or train.compile_attack):
+        unused.append("train.compile_mode: applies with train.compile or train.compile_attack, both off")
+    for message in unused:
+        log.warning("%s", message)
 
 
 #: torch.compile's modes (train.compile_mode; null is torch's default)

@@ -16,7 +16,7 @@ from torch import nn
 
 from mmtard import short_attention, speed, tower_rewrites
 from mmtard.config import DATA_SOURCES, Config, DataConfig, ModelConfig
-from mmtard.errors import ConfigError
+from mmtard.errors import ConfigError, ModelError
 from mmtard.lora import add_lora
 from mmtard.methods import METHODS, Method, Teacher
 from mmtard.models import CLIPClassifier, ModelSpec, create_clip, freeze, train_only_image_tower
@@ -89,8 +89,12 @@ def read_classnames_file(path: str) -> list[str]:
 
 
 def build_classifier(model_cfg: ModelConfig, classnames: list[str], templates: list[str],
-                     device: torch.device, scale: float | None) -> CLIPClassifier:
-    clip = create_clip(ModelSpec(model_cfg.name, model_cfg.pretrained), device)
+                     device: torch.device, scale: float | None, key: str = "") -> CLIPClassifier:
+    """``key`` (``student``, ``teachers[0]``...) names the config entry in a refusal."""
+    try:
+        clip = create_clip(ModelSpec(model_cfg.name, model_cfg.pretrained), device)
+    except ModelError as exc:
+        raise ModelError(f"{key}: {exc}" if key else str(exc)) from exc
     weights = text_weights(clip, model_cfg.name, classnames, templates, cache_dir=cache_root() / "text")
     return CLIPClassifier(clip, weights, scale=scale).to(device)
 
@@ -99,19 +103,20 @@ def build_teachers(config: Config, classnames: list[str], device: torch.device) 
     teachers = []
     for i, teacher_cfg in enumerate(config.teachers):
         model = build_classifier(ModelConfig(teacher_cfg.name, teacher_cfg.pretrained), classnames,
-                                 config.data.templates, device, config.train.logit_scale)
+                                 config.data.templates, device, config.train.logit_scale, key=f"teachers[{i}]")
         teachers.append(Teacher(freeze(model), teacher_cfg.role, teacher_cfg.weight, name=f"teacher{i}-{teacher_cfg.role}"))
     return teachers
 
 
 def build_student(config: Config, classnames: list[str], device: torch.device) -> tuple[CLIPClassifier, nn.Module | None]:
     """The trainable student and, for methods that need one, a frozen copy of its initial self."""
-    student = build_classifier(config.student, classnames, config.data.templates, device, config.train.logit_scale)
+    student = build_classifier(config.student, classnames, config.data.templates, device, config.train.logit_scale,
+                               key="student")
     reference = None
     if METHODS[config.method.name].needs_reference:
         if config.method.reference is not None:
             reference = build_classifier(config.method.reference, classnames, config.data.templates,
-                                         device, config.train.logit_scale)
+                                         device, config.train.logit_scale, key="method.reference")
         else:
             reference = copy.deepcopy(student)
         freeze(reference)

@@ -85,6 +85,21 @@ def prepare_run_dir(run_dir: Path, config: Config, force: bool, is_main: bool = 
     return None
 
 
+def remove_unused_run_dir(run_dir: Path) -> None:
+    """Remove DIR when it holds only what :func:`prepare_run_dir` and :class:`RunLock` put there
+    (the config and the lock): a run refused while it was built leaves no folder behind. Anything
+    else in DIR keeps it."""
+    ours = {"config.yaml", ".lock"}
+    try:
+        if not all(p.name in ours and p.is_file() for p in run_dir.iterdir()):
+            return
+        for name in ours:
+            (run_dir / name).unlink(missing_ok=True)
+        run_dir.rmdir()
+    except OSError as exc:  # the refusal the user is about to see matters more than this
+        log.debug("could not remove %s: %s", run_dir, exc)
+
+
 def _probe_writable(run_dir: Path) -> None:
     probe = run_dir / ".write-test"
     try:

@@ -35,7 +35,7 @@ from mmtard.lora import merged_copy
 from mmtard.metrics import MetricsWriter
 from mmtard.models import export_open_clip
 from mmtard.results import MODEL_FORWARD
-from mmtard.runs import RunLock, prepare_run_dir, start_fresh, write_run_info
+from mmtard.runs import RunLock, prepare_run_dir, remove_unused_run_dir, start_fresh, write_run_info
 from mmtard.speed import attention_kernel, check_attention_kernel
 from mmtard.teacher_cache import CleanTeacherCache, samples_digest, weights_digest
 
@@ -153,16 +153,20 @@ class Trainer:
         # Rank 0 alone inspects (and later clears) DIR, then tells every rank which checkpoint to
         # resume from: no rank races the clearing, and all load the same file (DIR is shared storage).
         self._lock: RunLock | None = None
+        self._made_run_dir = False
         self.resume_from = run_on_main(self._claim_run_dir, config, force)
         try:
             self._build(config, force)
         except BaseException:  # a refused or interrupted set-up leaves DIR free for the next command
             self.close()
+            if self._made_run_dir:  # and a DIR this command made holds nothing: gone again
+                remove_unused_run_dir(self.run_dir)
             raise
 
     def _claim_run_dir(self, config: Config, force: bool) -> Path | None:
         """On rank 0: decide how to continue in DIR, hold it against a second run, and drop the
         temporary files a killed writer left there (they hold disk space a retry may need)."""
+        self._made_run_dir = not self.run_dir.exists()
         resume_from = prepare_run_dir(self.run_dir, config, force=force)
         self._lock = RunLock(self.run_dir)
         ckpt.remove_stale_temporaries(self.run_dir)
