@@ -450,8 +450,10 @@ def test_empty_model_settings_and_bad_counts_are_refused_by_key(world_dir):
     with pytest.raises(ConfigError, match=r"teachers\[1\].pretrained: empty"):
         load_config(None, base + ["teachers=[{name: mmtard-small-vit, role: clean}, "
                                   "{name: mmtard-small-vit, role: robust, pretrained: ''}]"])
-    with pytest.raises(ConfigError, match=r"student.name: empty"):
+    with pytest.raises(ConfigError, match=r"student.name: missing or empty"):
         load_config(None, base + ["student.name="])
+    with pytest.raises(ConfigError, match=r"teachers\[0\].name: missing or empty"):  # no default architecture
+        load_config(None, base + ["teachers=[{role: clean}, {name: mmtard-small-vit, role: robust}]"])
     with pytest.raises(ConfigError, match=r"train.global_batch: 0 must be >= 1"):
         load_config(None, base + ["train.global_batch=0"])
 

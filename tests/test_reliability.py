@@ -106,7 +106,7 @@ def test_a_teacher_file_that_runs_code_is_refused_and_never_run(world_dir, tmp_p
     err = capsys.readouterr().err
     assert not marker.exists()
     line = err.strip().splitlines()[-1]
-    assert line.startswith("mmtard distill: error: refusing to load") and "Traceback" not in err
+    assert line.startswith("mmtard distill: error: teachers[0]: refusing to load") and "Traceback" not in err
     for part in (str(weights), "arbitrary unpickling", "can execute code", "If you trust the file, convert it",
                  "safetensors"):
         assert part in line

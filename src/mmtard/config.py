@@ -38,9 +38,10 @@ class ModelConfig:
 
 @dataclass
 class TeacherConfig:
-    """One frozen teacher (METHOD.md §6): a full CLIP with its own text encoder."""
+    """One frozen teacher (METHOD.md §6): a full CLIP with its own text encoder. ``name`` is
+    required: a default architecture would quietly stand in for a forgotten one."""
 
-    name: str = "mmtard-small-vit"
+    name: str = ""
     pretrained: str | None = None
     role: str = "robust"
     weight: float = 1.0
@@ -387,7 +388,7 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key}.pretrained: empty (an unset variable?); give a tag such as openai, a weights "
                               "file, or leave the key out for random weights")
         if not str(model.name).strip():
-            raise ConfigError(f"{key}.name: empty; give an open_clip architecture such as ViT-B-32")
+            raise ConfigError(f"{key}.name: missing or empty; give an open_clip architecture such as ViT-L-14")
     config.attack.pgd()  # parses eps and step size
     train = config.train
     for key in ("steps", "global_batch"):
