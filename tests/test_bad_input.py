@@ -456,6 +456,9 @@ def test_empty_model_settings_and_bad_counts_are_refused_by_key(world_dir):
         load_config(None, base + ["teachers=[{role: clean}, {name: mmtard-small-vit, role: robust}]"])
     with pytest.raises(ConfigError, match=r"train.global_batch: 0 must be >= 1"):
         load_config(None, base + ["train.global_batch=0"])
+    for key in ("kappa", "lambda_r", "mtard_eta_w"):  # a negative weight or rate turns a term around
+        with pytest.raises(ConfigError, match=rf"method.{key}: -1.0 must be >= 0.0"):
+            load_config(None, base + [f"method.{key}=-1"])
 
 
 def test_settings_a_run_will_not_use_are_named(world_dir, caplog):

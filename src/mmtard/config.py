@@ -454,6 +454,11 @@ def _check_ranges(config: Config) -> None:
                 "train.keep_checkpoints": (train.keep_checkpoints, 1), "train.lr": (train.lr, 0.0),
                 "train.weight_decay": (train.weight_decay, 0.0),
                 "data.num_workers": (data.num_workers, 0)}
+    # loss weights and rates: a negative one would turn a term or an update around
+    method = config.method
+    at_least.update({f"method.{key}": (getattr(method, key), 0.0)
+                     for key in ("kappa", "lambda_r", "lambda_c", "release_w_robust", "release_w_clean", "pmg_alpha",
+                                 "pmg_beta", "mtard_eta_tau", "mtard_eta_w")})
     if train.lora:
         at_least.update({"train.lora_rank": (train.lora_rank, 1), "train.lora_alpha": (train.lora_alpha, 1)})
     if data.image_size is not None:
