@@ -170,3 +170,13 @@ def test_a_guessed_activation_is_not_recorded_as_known(tmp_path, monkeypatch):
 
     assert models.ACTIVATION_METADATA not in metadata(convert(TINY, str(raw), tmp_path / "from_raw.safetensors"))
     assert metadata(convert(TINY, str(known), tmp_path / "from_known.safetensors"))[models.ACTIVATION_METADATA] == "false"
+
+
+def test_convert_refuses_to_write_over_its_own_input(base_and_robust, tmp_path):
+    _, robust, base_file = base_and_robust
+    visual = tmp_path / "visual.pt"
+    torch.save(robust.visual.state_dict(), visual)
+    before = base_file.read_bytes()
+    with pytest.raises(ModelError, match=r"--out .*base.safetensors is the input"):
+        convert(TINY, str(base_file), base_file, visual=visual)
+    assert base_file.read_bytes() == before

@@ -15,6 +15,7 @@ the base model (a pretrained tag or hub id turned into a local file, for a machi
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -105,6 +106,9 @@ def convert(name: str, pretrained: str | None, out: str | Path, visual: str | Pa
     if not pretrained and not name.startswith(("hf-hub:", "local-dir:")):
         raise ModelError(f"convert '{name}': no --pretrained base, so its text encoder would be random; give the "
                          "weights the image encoder was trained from (e.g. --pretrained openai, or a file)")
+    for source in (pretrained, visual):
+        if source and Path(out).exists() and Path(source).exists() and os.path.samefile(source, out):
+            raise ModelError(f"convert: --out {out} is the input {source}; write the result to another file")
     spec = ModelSpec(name, pretrained)
     clip = create_clip(spec)
     if visual is not None:
