@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from attention_kernels import time_call  # this folder
+from attention_kernels import bench_device, time_call  # this folder
 from mmtard.attacks import PGDConfig, ascent
 from mmtard.speed import fused_update_iteration
 
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=None, help="timed calls per form (default 50)")
     p.add_argument("--backend", default="inductor", help="torch.compile backend of the fused form")
     args = p.parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = bench_device(args.device)
     batch = args.batch or (2 if args.tiny else 128)
     size = 32 if args.tiny else 224
     iters = args.iters or (2 if args.tiny else 50)

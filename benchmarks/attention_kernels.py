@@ -47,6 +47,13 @@ def shapes(batch: int) -> list[tuple[str, int, int, int, int, bool, int]]:
             ("teacher", batch, 16, 257, 64, False, 24)]
 
 
+def bench_device(name: str) -> torch.device:
+    """``--device``: ``auto`` is the GPU where there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def time_call(fn, device: torch.device, warmup: int, iters: int) -> float:
     """Seconds per call, after ``warmup`` calls, between device synchronisations."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -176,8 +183,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=None, help="the step's micro-batch B (default 128)")
     p.add_argument("--iters", type=int, default=None, help="timed calls per kernel and shape (default 50)")
     args = p.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
+    device = bench_device(args.device)
     batch = args.batch or (2 if args.tiny else 128)
     iters = args.iters or (2 if args.tiny else 50)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -93,14 +93,20 @@ print("interpreted checks passed")
 '''
 
 
-def test_kernel_matches_torch_attention_in_the_interpreter(tmp_path):
+def run_in_triton_interpreter(checks: str, tmp_path: Path) -> None:
+    """Run the script ``checks`` with Triton's interpreter on (read when Triton is imported, so in
+    a process of its own); it must end by printing "interpreted checks passed"."""
     script = tmp_path / "checks.py"
-    script.write_text(_INTERPRETED_CHECKS)
+    script.write_text(checks)
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600,
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "interpreted checks passed" in proc.stdout
+
+
+def test_kernel_matches_torch_attention_in_the_interpreter(tmp_path):
+    run_in_triton_interpreter(_INTERPRETED_CHECKS, tmp_path)
 
 
 def test_without_a_gpu_the_module_is_torch_attention():

@@ -8,11 +8,6 @@ type, as flash attention does), and a rewritten ViT tower against open_clip's.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from open_clip.transformer import VisionTransformer
@@ -23,6 +18,8 @@ from mmtard.errors import ConfigError
 from mmtard.split_attention import SplitClassTokenAttention, applies
 from mmtard.tower_rewrites import image_towers, split_class_token_attention
 from mmtard.trainer import Trainer
+from test_short_attention import run_in_triton_interpreter
+from test_trainer import tiny_overrides
 
 pytest.importorskip("triton")
 
@@ -86,13 +83,7 @@ print("interpreted checks passed")
 
 
 def test_kernel_matches_torch_attention_in_the_interpreter(tmp_path):
-    script = tmp_path / "checks.py"
-    script.write_text(_INTERPRETED_CHECKS)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600,
-                          cwd=Path(__file__).resolve().parents[1])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "interpreted checks passed" in proc.stdout
+    run_in_triton_interpreter(_INTERPRETED_CHECKS, tmp_path)
 
 
 def test_without_a_gpu_the_rewritten_tower_is_open_clips():
@@ -110,14 +101,6 @@ def test_without_a_gpu_the_rewritten_tower_is_open_clips():
         torch.testing.assert_close(visual(x), ref, atol=1e-6, rtol=1e-5)
 
 
-def _overrides(world_dir, **extra) -> list[str]:
-    base = {"data.root": str(world_dir), "student.name": "mmtard-tiny-vit", "method.name": "mmt_ard",
-            "train.steps": "1", "train.global_batch": "4", "train.precision": "fp32"}
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()] + [
-        "teachers=[{name: mmtard-small-vit, role: clean}, {name: mmtard-small-vit, role: robust}]"]
-
-
 def test_short_towers_keep_their_attention():
     """Towers of at most 64 tokens (the short kernel's) are left to train.attention's choice."""
     short = VisionTransformer(image_size=32, patch_size=8, width=64, layers=2, heads=2, mlp_ratio=2.0, output_dim=32)
@@ -129,12 +112,12 @@ def test_train_teacher_attention_setting(world_dir, tmp_path, caplog):
     """``split`` is applied by the trainer to the frozen towers only: the test's small teachers
     (37 tokens) are short, so nothing changes and the trainer says why; ``auto`` changes nothing."""
     with caplog.at_level("WARNING"):
-        split = Trainer(load_config(None, _overrides(world_dir, **{"train.teacher_attention": "split"})),
+        split = Trainer(load_config(None, tiny_overrides(world_dir, **{"train.teacher_attention": "split"})),
                         tmp_path / "split", show_progress=False)
     assert "train.teacher_attention=split: no teacher or reference tower" in caplog.text
-    plain = Trainer(load_config(None, _overrides(world_dir)), tmp_path / "auto", show_progress=False)
+    plain = Trainer(load_config(None, tiny_overrides(world_dir)), tmp_path / "auto", show_progress=False)
     for trainer in (split, plain):
         assert all(type(b.attn) is nn.MultiheadAttention for t in image_towers(trainer.method)
                    for b in t.transformer.resblocks)
     with pytest.raises(ConfigError, match="train.teacher_attention: 'fast' is not one of auto, torch, split"):
-        load_config(None, _overrides(world_dir, **{"train.teacher_attention": "fast"}))
+        load_config(None, tiny_overrides(world_dir, **{"train.teacher_attention": "fast"}))

@@ -17,7 +17,7 @@ import pickle
 import random
 import re
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import IO, Any, BinaryIO, Callable, Iterator
 
 import numpy as np
 import torch
@@ -89,6 +89,25 @@ def exclusive_lock(path: str | Path) -> Iterator[None]:
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
+
+
+def lock_without_waiting(path: str | Path, unguarded: str) -> IO[str] | None:
+    """Open ``path`` (made if missing) and take an exclusive advisory lock on it without waiting:
+    the open file, whose closing (or the process's end) releases the lock; None when another
+    process holds it. On a file system without locks, a warning that nothing guards
+    ``unguarded``, and the file unlocked: the work goes on. For a process's hold on a run or a
+    record for as long as it works on it (:func:`exclusive_lock` waits instead)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o666), "r+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    except OSError as exc:
+        log.warning("cannot lock %s (%s): nothing stops %s", path, exc, unguarded)
+    return handle
 
 
 def unused_name(path: Path) -> Path:

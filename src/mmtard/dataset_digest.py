@@ -48,43 +48,49 @@ def in_memory_arrays(dataset) -> tuple[np.ndarray, Sequence] | None:
     return None
 
 
-def dataset_digest(dataset, indices: Sequence[int], kind: str) -> str | None:
-    """Digest of the files at ``indices`` and their labels: ``kind`` ``files`` hashes sizes and
-    modification times, ``bytes`` the contents (for indexed shards, each sample's own bytes and
-    its shard's size and time, from the dataset's ``digest_mark``). A file that cannot be read enters as its error
-    (the loader skips it and the record notes it), so the digest never stops an evaluation."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+def _file_mark(path: Path, kind: str) -> str:
+    """One image file's mark: its size and modification time, or its bytes' hash; an unreadable
+    file enters as its error (the loader skips it and the record notes it)."""
+    try:
+        if kind == "bytes":
+            return hashlib.sha256(path.read_bytes()).hexdigest()
+        stat = path.stat()
+        return f"{stat.st_size}:{stat.st_mtime_ns}"
+    except OSError as exc:
+        return f"unreadable:{exc.errno}"
+
+
+def _sample_marks(dataset, kind: str) -> tuple[Callable[[int], bytes], Sequence] | None:
+    """(mark of sample i, labels) for the kinds of dataset a record can digest; None for others."""
     marker = getattr(dataset, "digest_mark", None)  # shards: one file holds many samples
     if marker is not None:
-        digest = hashlib.sha256()
-        for i in indices:
-            digest.update(f"{marker(i, kind)}|{dataset.targets[i]}\0".encode())
-        return digest.hexdigest()[:16]
+        return (lambda i: marker(i, kind).encode()), dataset.targets
     arrays = in_memory_arrays(dataset)
     if arrays is not None:  # the images themselves are at hand: both kinds digest their bytes
         images, labels = arrays
-        digest = hashlib.sha256()
-        for i in indices:
-            digest.update(images[i].tobytes())
-            digest.update(f"|{int(labels[i])}\0".encode())
-        return digest.hexdigest()[:16]
+        return (lambda i: images[i].tobytes()), labels
     listed = evaluated_files(dataset)
-    if listed is None:
+    if listed is not None:
+        files, targets = listed
+        return (lambda i: _file_mark(Path(files[i]), kind).encode()), targets
+    return None
+
+
+def dataset_digest(dataset, indices: Sequence[int], kind: str) -> str | None:
+    """Digest of the samples at ``indices`` and their labels: ``kind`` ``files`` hashes file sizes
+    and modification times, ``bytes`` the contents (for indexed shards, each sample's own bytes
+    and its shard's size and time, from the dataset's ``digest_mark``; for torchvision's array
+    sets, the images' bytes either way). None for a dataset of none of these kinds; an unreadable
+    file never stops an evaluation."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    marks = _sample_marks(dataset, kind)
+    if marks is None:
         return None
-    files, targets = listed
+    mark, labels = marks
     digest = hashlib.sha256()
     for i in indices:
-        path = Path(files[i])
-        try:
-            if kind == "bytes":
-                mark = hashlib.sha256(path.read_bytes()).hexdigest()
-            else:
-                stat = path.stat()
-                mark = f"{stat.st_size}:{stat.st_mtime_ns}"
-        except OSError as exc:
-            mark = f"unreadable:{exc.errno}"
-        digest.update(f"{mark}|{targets[i]}\0".encode())
+        digest.update(mark(i) + f"|{labels[i]}\0".encode())
     return digest.hexdigest()[:16]
 
 

@@ -26,7 +26,6 @@ deterministic).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -34,7 +33,7 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import IO, Any, Callable, Mapping, Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -42,7 +41,7 @@ from tqdm.auto import tqdm
 
 from mmtard.attacks import format_eps, parse_eps
 from mmtard.autoattack import AttackSpec, robust_flags, strict_fp32
-from mmtard.checkpoint import exclusive_lock, unused_name
+from mmtard.checkpoint import exclusive_lock, lock_without_waiting, unused_name
 from mmtard.dataset_digest import dataset_digest, same_data
 from mmtard.distributed import all_gather_object, current_env, run_on_main
 from mmtard.errors import ConfigError, DataError, MmtardError
@@ -126,23 +125,16 @@ def _new_record(
     }
 
 
-def _hold_record(path: Path):
+def _hold_record(path: Path) -> IO[str]:
     """An exclusive hold on the record at ``path`` (a lock on ``.<name>.lock`` beside it), or a
     refusal when another evaluation holds it: two runs completing one record would each rewrite it
     whole from their own copy, and one's finished work would be lost. Runs evaluating other rows or
     sets into the same folder go on side by side. Released when the handle is closed or the process
     dies."""
-    lock = path.with_name(f".{path.name}.lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(lock, "a")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
+    handle = lock_without_waiting(path.with_name(f".{path.name}.lock"), "a second evaluation of this record")
+    if handle is None:
         raise MmtardError(f"{path} is being evaluated by another mmtard eval run; wait for it to end, or "
-                          "evaluate into another --out") from None
-    except OSError as exc:  # a file system without locks: go on unguarded, as training does
-        log.warning("cannot lock %s (%s): nothing stops a second evaluation of this record", lock, exc)
+                          "evaluate into another --out")
     return handle
 
 

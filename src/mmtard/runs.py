@@ -7,7 +7,6 @@ folder marked as a run), ``run.json`` (versions, git commit, batch plan), ``metr
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -20,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from mmtard.checkpoint import atomic_write_text, latest_checkpoint
+from mmtard.checkpoint import atomic_write_text, latest_checkpoint, lock_without_waiting
 from mmtard.config import Config, from_dict, save_config, to_dict
 from mmtard.errors import ConfigError, MmtardError
 
@@ -117,17 +116,12 @@ class RunLock:
     locks the run goes on unguarded."""
 
     def __init__(self, run_dir: Path):
-        self._handle = os.fdopen(os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o666), "r+")
-        try:
-            fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = self._handle.read().strip() or "another process"
-            self.release()
+        self._handle = lock_without_waiting(run_dir / ".lock", "a second run in the same folder")
+        if self._handle is None:
+            holder = (run_dir / ".lock").read_text().strip() or "another process"
             raise MmtardError(f"{run_dir} is in use by another mmtard run ({holder}); two runs in one folder would "
                               "overwrite each other's checkpoints. Wait for it to end or stop it, or use another "
-                              "--out") from None
-        except OSError as exc:
-            log.warning("cannot lock %s (%s): nothing stops a second run in the same folder", run_dir, exc)
+                              "--out")
         self._handle.truncate(0)
         self._handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         self._handle.flush()

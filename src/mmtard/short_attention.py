@@ -67,14 +67,21 @@ def suits_gpu(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def applies(qkv: torch.Tensor, num_heads: int) -> bool:
-    """Whether the kernel serves a fused projection ``qkv`` of shape [B, L, 3E]."""
+def kernel_takes(qkv: torch.Tensor, num_heads: int) -> bool:
+    """Whether mmtard's attention kernels (this one and :mod:`mmtard.split_attention`) can read a
+    fused projection ``qkv`` [B, L, 3E]: Triton present, a head size they have a block for, rows of
+    unit stride, and a 16-bit tensor on a GPU (any float type in Triton's interpreter)."""
     if triton is None or qkv.dim() != 3 or qkv.shape[-1] % (3 * num_heads):
         return False
     head_dim = qkv.shape[-1] // (3 * num_heads)
     on_device = (qkv.is_cuda and qkv.dtype in (torch.bfloat16, torch.float16)) or (
         INTERPRETED and qkv.device.type == "cpu" and qkv.dtype in (torch.float32, torch.float16))
-    return on_device and 1 <= qkv.shape[1] <= MAX_TOKENS and head_dim in _HEAD_DIMS and qkv.stride(-1) == 1
+    return on_device and qkv.shape[1] >= 1 and head_dim in _HEAD_DIMS and qkv.stride(-1) == 1
+
+
+def applies(qkv: torch.Tensor, num_heads: int) -> bool:
+    """Whether the kernel serves a fused projection ``qkv`` of shape [B, L, 3E]."""
+    return kernel_takes(qkv, num_heads) and qkv.shape[1] <= MAX_TOKENS
 
 
 if triton is not None:

@@ -36,7 +36,6 @@ from mmtard.short_attention import INTERPRETED, ShortSequenceAttention, _on, att
 
 #: rows of the class token's query block: one is stored; 16 is the smallest tensor-core product
 CLASS_ROWS = 16
-_HEAD_DIMS = (16, 32, 64, 128)
 
 if triton is not None:
     import triton.language as tl
@@ -133,14 +132,7 @@ if triton is not None:
 
 def applies(qkv: torch.Tensor, num_heads: int) -> bool:
     """Whether the kernel serves a fused projection ``qkv`` [B, L, 3E] in a call that wants no gradient."""
-    if triton is None or qkv.dim() != 3 or qkv.shape[-1] % (3 * num_heads):
-        return False
-    if torch.is_grad_enabled() and qkv.requires_grad:
-        return False
-    head_dim = qkv.shape[-1] // (3 * num_heads)
-    on_device = (qkv.is_cuda and qkv.dtype in (torch.bfloat16, torch.float16)) or (
-        INTERPRETED and qkv.device.type == "cpu" and qkv.dtype in (torch.float32, torch.float16))
-    return on_device and qkv.shape[1] >= 1 and head_dim in _HEAD_DIMS and qkv.stride(-1) == 1
+    return not (torch.is_grad_enabled() and qkv.requires_grad) and short_attention.kernel_takes(qkv, num_heads)
 
 
 def split_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
