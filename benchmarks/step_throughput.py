@@ -13,10 +13,10 @@ In ONE process, with random weights (timing does not depend on their values):
     ``train.compile`` (compile time reported separately) and, with ``--compile-attack``, with
     ``train.compile_attack`` on top (each whole PGD iteration one compiled graph). Like the
     trainer, (b) runs the exact tower rewrites of :mod:`mmtard.tower_rewrites` as configured
-    (``--patch-embed``, ``--last-block`` and ``--attention``, default ``auto``: on a GPU; and
-    ``--teacher-attention``): the patch embedding as a matrix product, a last block that computes
-    the class token alone, mmtard's short-sequence attention (and, with ``--teacher-attention
-    split``, its class-token-apart attention in the teachers); its compiled variants also fuse the attack's update, as
+    (``--patch-embed``, ``--last-block``, ``--attention`` and ``--teacher-attention``, default
+    ``auto``: on a GPU): the patch embedding as a matrix product, a last block that computes the
+    class token alone, mmtard's short-sequence attention in the student and its
+    class-token-apart attention in the teachers; its compiled variants also fuse the attack's update, as
     ``train.compile`` does (``--update-ab`` times them without).
     They are applied after (a) and the fp32 loss check, which keep open_clip's towers as the
     release does.
@@ -91,7 +91,7 @@ def parse_args(argv=None):
                         "open_clip's full block)")
     p.add_argument("--teacher-attention", default="auto", choices=TEACHER_ATTENTION,
                    help="train.teacher_attention of (b): split = mmtard's kernel with the class token apart in the "
-                        "frozen teachers; auto (for now) and torch keep --attention's choice there")
+                        "frozen teachers; auto = split on a GPU; torch keeps --attention's choice there")
     p.add_argument("--attention", default="auto", choices=ATTENTION_KERNELS,
                    help="train.attention of (b): auto (short on a GPU), torch's choice, mmtard's short-sequence "
                         "kernel or one of torch's (see attention_kernels.py)")

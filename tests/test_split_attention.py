@@ -16,7 +16,7 @@ from torch import nn
 from mmtard.config import load_config
 from mmtard.errors import ConfigError
 from mmtard.split_attention import SplitClassTokenAttention, applies
-from mmtard.tower_rewrites import image_towers, split_class_token_attention
+from mmtard.tower_rewrites import image_towers, split_class_token_attention, wants_split_attention
 from mmtard.trainer import Trainer
 from test_short_attention import run_in_triton_interpreter
 from test_trainer import tiny_overrides
@@ -108,9 +108,21 @@ def test_short_towers_keep_their_attention():
     assert all(type(b.attn) is nn.MultiheadAttention for b in short.transformer.resblocks)
 
 
+def test_auto_means_split_on_a_gpu_only(monkeypatch):
+    """``auto`` runs the split kernel where the short kernel runs (an NVIDIA GPU of compute
+    capability 8.0 or later), torch's attention on a CPU or an older GPU; ``torch`` never."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU as auto sees one
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert wants_split_attention("auto", cuda) and wants_split_attention("split", cpu)
+    assert not wants_split_attention("auto", cpu) and not wants_split_attention("torch", cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert not wants_split_attention("auto", cuda) and wants_split_attention("split", cuda)
+
+
 def test_train_teacher_attention_setting(world_dir, tmp_path, caplog):
     """``split`` is applied by the trainer to the frozen towers only: the test's small teachers
-    (37 tokens) are short, so nothing changes and the trainer says why; ``auto`` changes nothing."""
+    (37 tokens) are short, so nothing changes and the trainer says why; ``auto`` on a CPU changes nothing."""
     with caplog.at_level("WARNING"):
         split = Trainer(load_config(None, tiny_overrides(world_dir, **{"train.teacher_attention": "split"})),
                         tmp_path / "split", show_progress=False)

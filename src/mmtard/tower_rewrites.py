@@ -20,7 +20,7 @@ place to the method's :func:`image_towers`, before ``torch.compile``, so compile
 * :func:`short_sequence_attention` (``train.attention: short``, and ``auto`` on a GPU): towers of at most 64 tokens run
   their self-attention through :mod:`mmtard.short_attention`, one Triton program per image and
   head, instead of torch's kernels built for long sequences.
-* :func:`split_class_token_attention` (``train.teacher_attention: split``): the frozen towers'
+* :func:`split_class_token_attention` (``train.teacher_attention: split``, and ``auto`` on a GPU): the frozen towers'
   gradient-free attention over longer sequences (a ViT-L-14 teacher: 257 tokens) runs through
   :mod:`mmtard.split_attention`, which tiles the patch tokens alone and takes the class token apart.
 """
@@ -237,11 +237,14 @@ def short_sequence_attention(towers: Iterable[nn.Module]) -> int:
 
 
 def wants_split_attention(setting: str, device: torch.device) -> bool:
-    """``train.teacher_attention``: ``split`` asks for :mod:`mmtard.split_attention` in the frozen
-    towers; ``auto`` keeps torch's attention there until the kernel has been timed on a GPU (it has
-    not yet), as ``torch`` does."""
-    del device
-    return setting == "split"
+    """``train.teacher_attention``: ``split`` always, ``auto`` on an NVIDIA GPU of compute
+    capability 8.0 or later (:func:`mmtard.short_attention.suits_gpu`: the kernel is Triton's, as
+    the short one is): on an H100 it took a ViT-L-14 teacher's attention call from 227 to 188 us
+    and the compiled release step from 974 to 1005 images/s (benchmarks/RESULTS.md, tenth
+    session); ``torch`` keeps torch's attention in the frozen towers."""
+    from mmtard.short_attention import suits_gpu
+
+    return setting == "split" or (setting == "auto" and suits_gpu(device))
 
 
 def split_class_token_attention(towers: Iterable[nn.Module]) -> int:
