@@ -27,9 +27,11 @@ class _Teacher(nn.Module):
         self.proj = nn.Linear(3 * 4 * 4, dim)
         self.text_weights = torch.zeros(dim, 3)
         self.calls = 0
+        self.batch_sizes: list[int] = []
 
     def image_embed(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += x.shape[0]
+        self.batch_sizes.append(x.shape[0])
         return F.normalize(self.proj(x.flatten(1)), dim=-1)
 
 
@@ -56,6 +58,25 @@ def test_ranks_of_a_node_share_rows(tmp_path, data):
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         f"teacher0-node0-{digest}.f32", f"teacher0-node0-{digest}.mask",
         f"teacher0-node1-{digest}.f32", f"teacher0-node1-{digest}.mask"]
+
+
+def test_a_batch_with_misses_runs_the_teacher_at_its_own_size(tmp_path, data):
+    """A nearly full cache (the second epoch) misses a few rows of some batches: the teacher sees
+    the whole micro-batch, never a batch of the misses' changing count (a compiled tower would
+    recompile for each), only the misses' rows are stored, and hits keep their stored rows."""
+    teacher, images = data
+    cache = CleanTeacherCache(tmp_path, IDS)
+    cache.lookup(0, teacher, images[:4], torch.arange(4))
+    stored = cache.lookup(0, teacher, images[:4], torch.arange(4))
+    ids = torch.tensor([0, 5, 1, 6])  # two hits, two misses
+    shifted = images[ids].clone()
+    shifted[0] += 1.0  # a hit whose image changed: its stored row is kept
+    got = cache.lookup(0, teacher, shifted, ids)
+    assert teacher.batch_sizes == [4, 4] and cache.misses == 6 and cache.hits == 6
+    torch.testing.assert_close(got[[0, 2]], stored[[0, 1]])
+    torch.testing.assert_close(got[[1, 3]], teacher.image_embed(images[[5, 6]]))
+    # all hits now: no teacher call (the last one is this test's own, of 2 images)
+    assert cache.lookup(0, teacher, images[ids], ids).equal(got) and teacher.batch_sizes[-1] == 2
 
 
 def test_a_marked_row_that_was_never_written_is_recomputed(tmp_path, data):

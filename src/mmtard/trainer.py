@@ -374,7 +374,7 @@ class Trainer:
         batches = self._batches()
         sums: dict[str, torch.Tensor] = {}
         bad: dict[str, torch.Tensor] = {}
-        t_log, images_since_log = time.perf_counter(), 0
+        t_log, images_since_log, saving = time.perf_counter(), 0, 0.0
         check_every = 1 if self.device.type == "cpu" else self.config.train.log_every
         self.method.train()
         try:
@@ -393,11 +393,13 @@ class Trainer:
                     self._raise_if_diverged(bad)
                 if is_log:
                     elapsed = time.perf_counter() - t_log
-                    row = self._log_row(sums, elapsed, images_since_log)
+                    row = self._log_row(sums, elapsed, images_since_log, saving)
                     run_on_main(self._write_row, row, bar)
-                    sums, t_log, images_since_log = {}, time.perf_counter(), 0
+                    sums, t_log, images_since_log, saving = {}, time.perf_counter(), 0, 0.0
                 if is_ckpt:
+                    started = time.perf_counter()
                     self._save_checkpoint()
+                    saving += time.perf_counter() - started
         finally:
             bar.close()
             if self.metrics is not None:
@@ -480,14 +482,18 @@ class Trainer:
                 f"The last good checkpoint is kept: {last or 'none written yet'}"
             )
 
-    def _log_row(self, sums: dict[str, torch.Tensor], elapsed: float, images: int) -> dict[str, float]:
-        """Means over the steps since the last log and over ranks: the one sync of the interval."""
+    def _log_row(self, sums: dict[str, torch.Tensor], elapsed: float, images: int,
+                 saving: float = 0.0) -> dict[str, float]:
+        """Means over the steps since the last log and over ranks: the one sync of the interval.
+        ``images_per_s`` leaves out ``saving``, the seconds spent writing a checkpoint in the
+        interval (the training speed would otherwise dip in every row after a checkpoint);
+        ``elapsed_s`` is wall time and keeps them."""
         steps = max(1, images // self.config.train.global_batch)
         names = sorted(sums)
         values = all_reduce_mean(torch.stack([torch.as_tensor(sums[n], device=self.device).float() for n in names]))
         row = {n: v / steps for n, v in zip(names, values.cpu().tolist())}
         row["lr"] = self.step_lr
-        row["images_per_s"] = images / max(elapsed, 1e-9)
+        row["images_per_s"] = images / max(elapsed - saving, 1e-9)
         self.elapsed += elapsed
         row["elapsed_s"] = self.elapsed
         return row
