@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -102,6 +103,21 @@ def test_local_safetensors_and_pt_give_identical_weights(tmp_path, wrap):
     _assert_same_state(from_st, state)
     _assert_same_state(from_pt, state)
     assert _differs(_clip(seed=99).state_dict(), state)
+
+
+def test_a_model_from_a_file_is_not_announced_as_random(tmp_path, caplog):
+    """open_clip warns "initialized randomly" when it builds a model without weights: true for a
+    model given by name alone, not for one whose file mmtard loads right after."""
+    path = tmp_path / "weights.safetensors"
+    save_file(_clip(seed=3).state_dict(), str(path))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        create_clip(ModelSpec(TINY, str(path)))
+    assert "initialized randomly" not in caplog.text
+    with caplog.at_level("WARNING"):
+        create_clip(ModelSpec(TINY))
+    assert "initialized randomly" in caplog.text
+    assert not logging.getLogger().filters  # the filter is gone once the file is loaded
 
 
 def test_weights_of_another_architecture_name_file_and_shapes(tmp_path):

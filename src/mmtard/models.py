@@ -89,6 +89,23 @@ def _hub_cache_only(enabled: bool) -> Iterator[None]:
         hub_constants.HF_HUB_OFFLINE = previous
 
 
+def _not_random_init_notice(record: logging.LogRecord) -> bool:
+    return "Model initialized randomly" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _weights_loaded_after() -> Iterator[None]:
+    """Silence open_clip's "Model initialized randomly" warning for a model whose weights mmtard
+    loads from a file right after building it: the warning made every teacher given as a file
+    look random in the logs (open_clip logs it on the root logger)."""
+    root = logging.getLogger()
+    root.addFilter(_not_random_init_notice)
+    try:
+        yield
+    finally:
+        root.removeFilter(_not_random_init_notice)
+
+
 def _check_model_name(name: str) -> None:
     if name.startswith(("hf-hub:", "local-dir:")):
         return
@@ -210,8 +227,9 @@ def create_clip(spec: ModelSpec, device: str | torch.device = "cpu") -> nn.Modul
         quick_gelu = _metadata_json(metadata, ACTIVATION_METADATA)
         if quick_gelu is None and PREPROCESS_METADATA in metadata:
             quick_gelu = False  # exported by mmtard before it recorded the activation: all GELU then
-        model = open_clip.create_model(name, pretrained=None, device="cpu", force_preprocess_cfg=preprocess,
-                                       force_quick_gelu=bool(quick_gelu))
+        with _weights_loaded_after():
+            model = open_clip.create_model(name, pretrained=None, device="cpu", force_preprocess_cfg=preprocess,
+                                           force_quick_gelu=bool(quick_gelu))
         _check_file_activation(model, quick_gelu, name, pretrained)
         load_state_checked(model, load_weights_file(pretrained), pretrained, f"does not match architecture '{name}'")
     elif pretrained or name.startswith(("hf-hub:", "local-dir:")):
