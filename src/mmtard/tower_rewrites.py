@@ -65,6 +65,8 @@ def rewrite_towers(method: nn.Module, device: torch.device, patch_embed: str = "
     if wants_short_attention(attention, device):
         done["student_attention"] = short_sequence_attention(towers[:1])
         done["attention"] = done["student_attention"] + short_sequence_attention(towers[1:])
+        log.info("short-sequence attention in %d image towers (the student's: %s)", done["attention"],
+                 "yes" if done["student_attention"] else "no")
     if wants_split_attention(teacher_attention, device):
         done["teacher_attention"] = split_class_token_attention(towers[1:])
     return done
@@ -214,8 +216,8 @@ def short_sequence_attention(towers: Iterable[nn.Module]) -> int:
     :data:`mmtard.short_attention.MAX_TOKENS` the class
     :class:`mmtard.short_attention.ShortSequenceAttention`, in place (parameters and state dict
     unchanged), and switch a LoRA student's :class:`mmtard.lora.ProjectedAttention` to the same
-    kernel; returns how many towers. Longer towers (a ViT-L-14 teacher: 257 tokens) keep
-    torch's attention."""
+    kernel; returns how many towers (:func:`rewrite_towers` logs them). Longer towers (a ViT-L-14
+    teacher: 257 tokens) keep torch's attention."""
     from mmtard.lora import ProjectedAttention
     from mmtard.short_attention import MAX_TOKENS, ShortSequenceAttention
 
@@ -232,7 +234,6 @@ def short_sequence_attention(towers: Iterable[nn.Module]) -> int:
                 else:
                     attention.__class__ = ShortSequenceAttention
             changed += bool(attentions)
-    log.info("short-sequence attention in %d image towers", changed)
     return changed
 
 
