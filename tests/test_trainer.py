@@ -316,24 +316,23 @@ def test_logged_learning_rate_is_the_one_each_step_used(world_dir, tmp_path):
 
 
 def test_images_per_s_leaves_out_checkpoint_writing(world_dir, tmp_path, monkeypatch):
-    """A checkpoint taking 2 s (a slow disk) shows in ``elapsed_s`` (wall time) but not in the next
-    row's ``images_per_s`` (training speed)."""
+    """A checkpoint taking 1 s more (a slow disk) shows in ``elapsed_s`` (wall time) but not in
+    the next row's ``images_per_s`` (training speed)."""
     import time
 
     write = Trainer._write_checkpoint
 
     def slow_write(self, streams):
-        time.sleep(2.0)
+        time.sleep(1.0)
         write(self, streams)
 
     monkeypatch.setattr(Trainer, "_write_checkpoint", slow_write)
-    overrides = tiny_overrides(world_dir, steps=3, **{"attack.steps": 0})
+    overrides = tiny_overrides(world_dir, steps=2, **{"attack.steps": 0})
     Trainer(load_config(None, overrides), tmp_path / "run", show_progress=False).train()
-    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
-    for before, row in zip(rows, rows[1:]):  # a checkpoint after every step
-        wall = float(row["elapsed_s"]) - float(before["elapsed_s"])
-        training = 8 / float(row["images_per_s"])  # global batch 8
-        assert wall - training == pytest.approx(2.0, abs=0.5)
+    first, second = csv.DictReader(open(tmp_path / "run" / "metrics.csv"))  # a checkpoint after step 1
+    wall = float(second["elapsed_s"]) - float(first["elapsed_s"])
+    training = 8 / float(second["images_per_s"])  # global batch 8
+    assert wall - training >= 1.0  # the write's extra second (and its own time) left out of the speed
 
 
 def test_robust_stream_off_runs_no_attack_and_needs_no_robust_teacher(world_dir, tmp_path, monkeypatch):

@@ -62,8 +62,9 @@ LAST_BLOCKS = ("auto", "full", "class_token")
 ATTENTION_KERNELS = ("auto", "torch", "short", "flash", "efficient", "cudnn", "math")
 #: train.teacher_attention: split runs the frozen towers' (teachers', reference's) gradient-free
 #: attention over more than 64 tokens through mmtard's kernel that takes the class token apart
-#: (mmtard.split_attention: 257 tokens tile as 256 + 1); auto: split on a GPU (the compiled step
-#: 3 % faster on an H100), torch's attention on a CPU; torch keeps train.attention's choice there
+#: (mmtard.split_attention: 257 tokens tile as 256 + 1); auto: split on an NVIDIA GPU of compute
+#: capability 8.0 or later (the compiled step 3 % faster on an H100), torch's attention elsewhere;
+#: torch keeps train.attention's choice there
 TEACHER_ATTENTION = ("auto", "torch", "split")
 
 

@@ -177,8 +177,10 @@ class CleanTeacherCache(TeacherEmbeddingCache):
         hits keep their stored rows): a compiled tower has its graph for the micro-batch's size,
         while the count of misses changes from batch to batch once the cache is nearly full (the
         second epoch: the first epoch's dropped last batch), and each new count would recompile
-        the tower (steps of 7 s instead of 0.2 s with a ViT-B-16 on an H200: benchmarks/RESULTS.md). Those
-        batches are few, so the extra rows cost little."""
+        the tower (compiled with static shapes, ``speed.compile_method``; steps of 7 s instead of
+        0.2 s with a ViT-B-16 on an H200: benchmarks/RESULTS.md). Eager, the extra rows cost one
+        teacher pass in each such batch, at most as many batches as the first epoch left out
+        images (under a global batch), once per run."""
         ids = indices.detach().cpu().numpy()
         dim = model.text_weights.shape[0]
         values, mask = self._table(teacher_index, dim)
