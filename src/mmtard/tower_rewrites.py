@@ -28,7 +28,7 @@ place to the method's :func:`image_towers`, before ``torch.compile``, so compile
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
@@ -211,6 +211,18 @@ def wants_short_attention(setting: str, device: torch.device) -> bool:
     return setting == "short" or (setting == "auto" and suits_gpu(device))
 
 
+def _attention_modules(towers: Iterable[nn.Module], short: bool, kinds: tuple[type, ...]) -> Iterator[list[nn.Module]]:
+    """Per open_clip ViT in ``towers`` whose sequences fit :data:`mmtard.short_attention.MAX_TOKENS`
+    (``short``) or exceed it (not ``short``), its attention modules of the types ``kinds``. Under
+    LoRA the tower is peft's wrapper around the ViT."""
+    from mmtard.short_attention import MAX_TOKENS
+
+    for tower in towers:
+        for vit in tower.modules():
+            if isinstance(vit, VisionTransformer) and (vit.positional_embedding.shape[0] <= MAX_TOKENS) == short:
+                yield [m for m in vit.transformer.modules() if type(m) in kinds]
+
+
 def short_sequence_attention(towers: Iterable[nn.Module]) -> int:
     """Give every ``nn.MultiheadAttention`` of the image towers in ``towers`` whose sequences fit
     :data:`mmtard.short_attention.MAX_TOKENS` the class
@@ -219,21 +231,16 @@ def short_sequence_attention(towers: Iterable[nn.Module]) -> int:
     kernel; returns how many towers (:func:`rewrite_towers` logs them). Longer towers (a ViT-L-14
     teacher: 257 tokens) keep torch's attention."""
     from mmtard.lora import ProjectedAttention
-    from mmtard.short_attention import MAX_TOKENS, ShortSequenceAttention
+    from mmtard.short_attention import ShortSequenceAttention
 
     changed = 0
-    for tower in towers:
-        for vit in tower.modules():  # under LoRA the tower is peft's wrapper around the ViT
-            if not isinstance(vit, VisionTransformer) or vit.positional_embedding.shape[0] > MAX_TOKENS:
-                continue
-            attentions = [m for m in vit.transformer.modules()
-                          if type(m) in (nn.MultiheadAttention, ProjectedAttention)]
-            for attention in attentions:
-                if type(attention) is ProjectedAttention:  # a LoRA student's: peft adapts its projections
-                    attention.short_sequence = True
-                else:
-                    attention.__class__ = ShortSequenceAttention
-            changed += bool(attentions)
+    for attentions in _attention_modules(towers, short=True, kinds=(nn.MultiheadAttention, ProjectedAttention)):
+        for attention in attentions:
+            if type(attention) is ProjectedAttention:  # a LoRA student's: peft adapts its projections
+                attention.short_sequence = True
+            else:
+                attention.__class__ = ShortSequenceAttention
+        changed += bool(attentions)
     return changed
 
 
@@ -255,18 +262,14 @@ def split_class_token_attention(towers: Iterable[nn.Module]) -> int:
     :data:`mmtard.short_attention.MAX_TOKENS` tokens; returns how many towers. Their
     gradient-free calls run the split kernel, the others torch's attention; shorter towers keep
     ``train.attention``'s choice."""
-    from mmtard.short_attention import MAX_TOKENS, ShortSequenceAttention
+    from mmtard.short_attention import ShortSequenceAttention
     from mmtard.split_attention import SplitClassTokenAttention
 
     changed = 0
-    for tower in towers:
-        for vit in tower.modules():
-            if not isinstance(vit, VisionTransformer) or vit.positional_embedding.shape[0] <= MAX_TOKENS:
-                continue  # short towers keep train.attention's choice
-            attentions = [m for m in vit.transformer.modules()
-                          if type(m) in (nn.MultiheadAttention, ShortSequenceAttention, SplitClassTokenAttention)]
-            for attention in attentions:
-                attention.__class__ = SplitClassTokenAttention
-            changed += bool(attentions)
+    kinds = (nn.MultiheadAttention, ShortSequenceAttention, SplitClassTokenAttention)
+    for attentions in _attention_modules(towers, short=False, kinds=kinds):  # short towers: train.attention's
+        for attention in attentions:
+            attention.__class__ = SplitClassTokenAttention
+        changed += bool(attentions)
     log.info("split class-token attention in %d frozen image towers", changed)
     return changed
