@@ -7,9 +7,8 @@ set -u
 OUT=${OUT:-/tmp/bench-out}
 mkdir -p "$OUT"
 LOG="$OUT/bench.txt"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || { echo "wheel install failed" | tee "$LOG"; exit 1; }
-export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TORCH_LOGS=graph_breaks,recompiles
+source benchmarks/device_env.sh "$LOG"
+export TORCH_LOGS=graph_breaks,recompiles
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv
   python3 -c "import sys, torch, triton, open_clip, timm, pyautoattack; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'triton', triton.__version__, 'open_clip', open_clip.__version__, 'timm', timm.__version__)"

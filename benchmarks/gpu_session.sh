@@ -18,9 +18,7 @@
 set -u
 OUT=${OUT:-/tmp/bench-out}
 mkdir -p "$OUT/kernels"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || { echo "wheel install failed" | tee "$OUT/failed.txt"; exit 1; }
-export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+source benchmarks/device_env.sh "$OUT/failed.txt"  # once: the gpu_run.sh parts below reuse it
 timeout 90 python3 benchmarks/attention_kernels.py --iters 25 2>&1 | tee "$OUT/kernels/kernels.txt"
 BENCH_TIMEOUT=300 BENCH_ARGS="--compile on --check --update-ab --repeat 2 --profile 45" OUT=$OUT/step \
   bash benchmarks/gpu_run.sh --compile-mode reduce-overhead

@@ -12,12 +12,11 @@ OUT=${OUT:-/tmp/check-out}
 mkdir -p "$OUT"
 LOG="$OUT/check.txt"
 : >"$LOG"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "wheel install failed" | tee "$LOG"; exit 1; }
-  export PYTHONPATH=/tmp/site:src
+if [ -d .whl ]; then  # on a lent GPU; without .whl/ (this machine) the installed packages serve
+  source benchmarks/device_env.sh "$LOG"
+else
+  export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 fi
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 STUDENT=${STUDENT:-ViT-B-32-quickgelu} TEACHER=${TEACHER:-ViT-B-16} STEPS=${STEPS:-24} COMPILE=${COMPILE:-true}
 WORK=${WORK:-/tmp/mmtard-check}
 rm -rf "$WORK" && mkdir -p "$WORK"
